@@ -1,0 +1,1 @@
+"""bigjax: JAX/Flax NNX training for large models."""

@@ -1,0 +1,344 @@
+"""Typed configuration: dataclass schema, safe YAML loading, `a.b=value` overrides, validation.
+
+Every key is a dataclass field with a comment; unknown keys and wrong types are rejected with
+one line naming the key and what would be accepted (a `ConfigError`, exit code 2 in the CLI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from bigjax.errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, plots, config.yaml
+
+
+@dataclass
+class ModelConfig:
+    name: str = "gpt"  # registry name: gpt, bert
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # grouped-query attention; 0 = n_heads
+    head_dim: int = 0  # 0 = d_model // n_heads
+    d_ff: int = 512
+    max_seq_len: int = 512  # size of learned position table
+    positions: Literal["learned", "rotary", "none"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu"] = "gelu"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0  # residual, attention and embedding dropout in training
+    attention_dropout: float = -1.0  # -1 = same as dropout
+    type_vocab_size: int = 2  # BERT token types
+    pad_token_id: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    init_std: float = 0.02
+
+
+@dataclass
+class TaskConfig:
+    name: str = "causal_lm"  # causal_lm, masked_lm, classification
+    mlm_probability: float = 0.15
+    num_labels: int = 0  # classification; 0 = number of distinct labels in the training data
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME | file glob (.txt/.jsonl/.csv/.parquet)
+    dir: str = ""  # tensorflow-datasets data dir ("" = tfds default)
+    split: str = "train"
+    eval_split: str = ""  # "" = hold out val_fraction of the training data
+    val_fraction: float = 0.05
+    text_field: str = "text"
+    label_field: str = "label"
+    tokenizer: str = ""  # local Hugging Face tokenizer dir; "" = train a byte-level BPE on the data
+    vocab_size: int = 4096  # for a tokenizer that bigjax trains
+    max_chars: int = 4_000_000  # cap on the builtin corpus size
+    pack: bool = True  # LM: concatenate documents and cut fixed-length windows
+    on_bad_rows: Literal["skip", "error"] = "skip"
+    shuffle: bool = True
+    workers: int = 0  # grain worker processes; 0 = in the main process
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global batch (all processes, all micro-batches)
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step; batch_size must be divisible by it
+    log_every: int = 10
+    eval_every: int = 100  # 0 = only at the end
+    eval_batches: int = 0  # 0 = the whole validation split
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = measure a matmul at start-up
+    progress: bool = True
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "sgd", "rmsprop"] = "adamw"
+    lr: float = 3e-4
+    weight_decay: float = 0.0  # decoupled: p <- p - lr * wd * p
+    no_decay: list[str] = field(default_factory=lambda: [r"bias$", r"scale$", r"embedding$"])
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    nesterov: bool = False  # sgd
+    decay: float = 0.9  # rmsprop
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    clip_norm: float = 0.0  # global-norm clipping; 0 = off
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # -1 = all devices left over
+    fsdp: int = 1
+    tensor: int = 1
+    dcn_data: int = 1  # data parallelism across hosts/slices; the other axes stay inside one
+
+
+DEFAULT_RULES: list[list[Any]] = [
+    ["batch", ["data", "fsdp"]],
+    ["vocab", "tensor"],
+    ["embed", "fsdp"],
+    ["heads", "tensor"],
+    ["kv_heads", "tensor"],
+    ["mlp", "tensor"],
+    ["kv", None],
+    ["length", None],
+]
+
+
+@dataclass
+class ShardingConfig:
+    # Ordered (logical axis, mesh axis | [mesh axes] | null). The first rule for a logical axis
+    # whose mesh axes are not used yet by the same array wins (MaxText-style fallbacks).
+    rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end
+    keep: int = 3
+    resume: Literal["auto", "must", "never"] = "auto"
+    async_save: bool = True
+    keep_best_metric: str = ""  # e.g. eval_loss; "" = keep the last `keep`
+    keep_best_mode: Literal["min", "max"] = "min"
+
+
+@dataclass
+class InitConfig:
+    from_: str = field(default="", metadata={"key": "from"})  # run dir, checkpoint dir[@step], hf:DIR
+
+
+@dataclass
+class DistributedConfig:
+    coordinator: str = ""  # host:port; "" = detect from the environment
+    num_processes: int = 0
+    process_id: int = -1
+    timeout_s: int = 300  # how long to wait for a missing process before failing
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:
+        return "a list"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of keys, got {value!r}")
+        return _from_dict(tp, value, where + ".")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: got {value!r}, expected {_describe(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: got {value!r}, expected a list")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType) or tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: got {value!r}, expected true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: got {value!r}, expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: got {value!r}, expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: got {value!r}, expected a string")
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - schema bug
+
+
+def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {_key(f): f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"unknown config key '{prefix}{key}'{hint} (known: {', '.join(sorted(fields))})"
+            )
+        f = fields[key]
+        kwargs[f.name] = _coerce(value, hints[f.name], prefix + key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-able data, with the YAML key names."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[_key(f)] = to_dict(v) if dataclasses.is_dataclass(v) else v
+    return out
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None and raw.strip().lower() not in ("null", "~", "none"):
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = _parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply `key.sub=value` overrides, check it."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of keys")
+    data = apply_overrides(data, list(overrides or []))
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no devices; mesh and shape checks live in mesh.py."""
+    t, m, o = cfg.train, cfg.model, cfg.optimizer
+    positive = {
+        "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
+        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
+        "model.d_ff": m.d_ff, "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if o.lr <= 0:
+        raise ConfigError(f"optimizer.lr must be positive, got {o.lr}")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    kv = m.n_kv_heads or m.n_heads
+    if m.n_heads % kv:
+        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
+            "set model.head_dim"
+        )
+    if m.positions == "learned" and t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
+        )
+    if o.warmup_steps > t.steps:
+        raise ConfigError(
+            f"optimizer.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}"
+        )
+    for mesh_key in ("fsdp", "tensor", "dcn_data"):
+        if getattr(cfg.mesh, mesh_key) < 1:
+            raise ConfigError(f"mesh.{mesh_key} must be at least 1")
+    if cfg.mesh.data == 0 or cfg.mesh.data < -1:
+        raise ConfigError(f"mesh.data must be -1 (the remaining devices) or at least 1")
+    for i, rule in enumerate(cfg.sharding.rules):
+        if len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError(
+                f"sharding.rules[{i}]: expected [logical_axis, mesh_axis | [mesh_axes] | null], "
+                f"got {rule!r}"
+            )
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)

@@ -1,0 +1,1 @@
+"""Input pipeline: sources -> tokenization -> examples -> per-process grain loader -> global arrays."""

@@ -1,0 +1,149 @@
+"""Layers shared by the model families. Parameters name logical axes only, never mesh axes.
+
+Logical axes: vocab, embed, heads, kv_heads, kv (per-head dim), mlp, length. Parameters are
+float32; `dtype` is the compute dtype. Dropout takes an explicit `rngs` at call time (None in
+evaluation), so the train step derives it from (seed, step) and resume needs no RNG state.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def _param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes) -> nnx.Param:
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=axes)
+
+
+class Dense(nnx.Module):
+    """y = x @ kernel + bias over trailing `in_shape` dims, producing `out_shape` dims."""
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], axes: Axes, *,
+                 use_bias: bool, dtype, std: float, rngs: nnx.Rngs):
+        self.in_shape, self.out_shape, self.dtype = tuple(in_shape), tuple(out_shape), dtype
+        self.kernel = _param(rngs, nnx.initializers.normal(std), self.in_shape + self.out_shape, axes)
+        n_in = len(self.in_shape)
+        self.bias = (_param(rngs, nnx.initializers.zeros_init(), self.out_shape, axes[n_in:])
+                     if use_bias else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        n_in = len(self.in_shape)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                                (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """LayerNorm or RMSNorm over the last (embed) dim, statistics in float32."""
+
+    def __init__(self, dim: int, kind: str, eps: float, use_bias: bool, dtype, rngs: nnx.Rngs):
+        self.kind, self.eps, self.dtype = kind, eps, dtype
+        self.scale = _param(rngs, nnx.initializers.ones_init(), (dim,), ("embed",))
+        self.bias = (_param(rngs, nnx.initializers.zeros_init(), (dim,), ("embed",))
+                     if use_bias and kind == "layernorm" else None)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps)
+        y = y * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    def __init__(self, num: int, dim: int, axes: Axes, dtype, std: float, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = _param(rngs, nnx.initializers.normal(std), (num, dim), axes)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: logits against the embedding table."""
+        return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.dtype))
+
+
+def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, half-split layout (as in LLaMA / Hugging Face)."""
+    half = x_BTNH.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions_BT[..., None].astype(jnp.float32) * freq  # B T half
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x_BTNH.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_BTNH.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with optional grouped-query heads (n_kv_heads < n_heads)."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
+                 use_bias: bool, dropout: float, rope_theta: float | None, dtype, std: float,
+                 out_std: float, rngs: nnx.Rngs):
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.rope_theta, self.dtype = rope_theta, dtype
+        kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.query = Dense((d_model,), (n_heads, head_dim), ("embed", "heads", "kv"), std=std, **kw)
+        self.key = Dense((d_model,), (n_kv_heads, head_dim), ("embed", "kv_heads", "kv"), std=std, **kw)
+        self.value = Dense((d_model,), (n_kv_heads, head_dim), ("embed", "kv_heads", "kv"), std=std, **kw)
+        self.out = Dense((n_heads, head_dim), (d_model,), ("heads", "kv", "embed"), std=out_std, **kw)
+        self.dropout = nnx.Dropout(dropout)
+
+    def __call__(self, x_BTD: jax.Array, mask_BTS: jax.Array, positions_BT: jax.Array,
+                 rngs: nnx.Rngs | None) -> jax.Array:
+        q, k, v = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
+        if self.rope_theta is not None:
+            q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
+        B, T, N, H = q.shape
+        K = self.n_kv_heads
+        q = q.reshape(B, T, K, N // K, H)  # heads grouped over their shared kv head
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, k) * (H ** -0.5)
+        logits = jnp.where(mask_BTS[:, None, None], logits.astype(jnp.float32), -1e30)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
+        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+        return self.out(out)
+
+
+class MLP(nnx.Module):
+    def __init__(self, d_model: int, d_ff: int, kind: str, *, use_bias: bool, dtype, std: float,
+                 out_std: float, rngs: nnx.Rngs):
+        self.kind = kind
+        kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.up = Dense((d_model,), (d_ff,), ("embed", "mlp"), std=std, **kw)
+        self.gate = Dense((d_model,), (d_ff,), ("embed", "mlp"), std=std, **kw) if kind == "swiglu" else None
+        self.down = Dense((d_ff,), (d_model,), ("mlp", "embed"), std=out_std, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = self.up(x)
+        if self.kind == "swiglu":
+            h = jax.nn.silu(self.gate(x)) * h
+        elif self.kind == "relu":
+            h = jax.nn.relu(h)
+        else:
+            h = jax.nn.gelu(h, approximate=self.kind == "gelu_tanh")
+        return self.down(h)
+
+
+def attention_mask(segment_ids_BT: jax.Array | None, valid_BT: jax.Array | None, causal: bool,
+                   length: int) -> jax.Array:
+    """Boolean B×T×S mask: causal, within one packed document, and only onto real tokens."""
+    mask = jnp.ones((1, length, length), bool)
+    if causal:
+        mask = jnp.tril(mask)
+    if segment_ids_BT is not None:
+        mask = mask & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
+    if valid_BT is not None:
+        mask = mask & valid_BT[:, None, :].astype(bool)
+    return mask

@@ -1,0 +1,106 @@
+"""The pure train and eval steps: functions of (state, batch), jitted with explicit shardings.
+
+The step knows nothing of objectives: it asks the task for additive statistics, so the same step
+serves pretraining and finetuning. Gradient accumulation scans over micro-batches and divides the
+summed gradient by the summed weight once, which makes k micro-batches of b exactly one batch of k*b.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bigjax.mesh import activation_sharding
+from bigjax.state import ModelSpec, TrainState
+from bigjax.tasks import Batch, Task
+
+Metrics = dict[str, jax.Array]
+
+
+def _stats_fn(spec: ModelSpec, task: Task):
+    def fn(params, model_state, batch, rng):
+        model = nnx.merge(spec.graphdef, params, model_state, copy=True)
+        rngs = None if rng is None else nnx.Rngs(dropout=rng)
+        stats = task.stats(model, batch, rngs)
+        new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+        return stats["loss_sum"], (stats, new_model_state)
+    return fn
+
+
+def _split_micro(batch: Batch, k: int) -> Batch:
+    # Micro-batch i takes rows i, i+k, ...: every device keeps feeding every micro-batch.
+    return jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 1, 0), batch)
+
+
+def make_train_step(spec: ModelSpec, task: Task, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, *, grad_accum: int, seed: int,
+                    train: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    grad_fn = jax.grad(_stats_fn(spec, task), has_aux=True)
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(jax.random.key(seed), state.step) if train else None
+        if grad_accum == 1:
+            grads, (stats, model_state) = grad_fn(state.params, state.model_state, batch, rng)
+        else:
+            def body(carry, xs):
+                g_acc, s_acc, ms = carry
+                i, micro = xs
+                r = None if rng is None else jax.random.fold_in(rng, i)
+                g, (s, ms) = grad_fn(state.params, ms, micro, r)
+                return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s), ms), None
+
+            micro = _split_micro(batch, grad_accum)
+            first = jax.tree.map(lambda x: x[0], micro)
+            zero_stats = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: grad_fn(state.params, state.model_state, first, rng)[1][0]))
+            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+            (grads, stats, model_state), _ = jax.lax.scan(
+                body, (zero_grads, zero_stats, state.model_state),
+                (jnp.arange(grad_accum), micro))
+        weight = jnp.maximum(stats["weight"], 1e-9)
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v for k, v in stats.items()}
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               model_state=model_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(spec: ModelSpec, task: Task) -> Callable[[Any, Any, Batch], Metrics]:
+    fn = _stats_fn(spec, task)
+
+    def eval_step(params, model_state, batch: Batch) -> Metrics:
+        _, (stats, _) = fn(params, model_state, batch, None)
+        return stats
+
+    return eval_step
+
+
+def with_activation_sharding(fn, mesh, rules):
+    """Trace `fn` with the models' activation constraints bound to this mesh."""
+    def wrapped(*args):
+        with activation_sharding(mesh, rules):
+            return fn(*args)
+    return wrapped
+
+
+def jit_train_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
+    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def jit_eval_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
+    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
+    return jax.jit(step_fn, in_shardings=(state_shardings.params, state_shardings.model_state,
+                                          batch_shardings), out_shardings=replicated)

@@ -1,0 +1,232 @@
+"""The loop: builds everything from the config, then trains with progress, logging, evaluation,
+checkpoint cadence and signal handling. The Python API (`Trainer(...).train()`) and the CLI share it.
+
+The host never waits for the device to log: metrics of a logged step are fetched only after the
+next step has been dispatched (nanodo's trick).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from bigjax import mesh as mesh_lib
+from bigjax.checkpoint import Checkpointer, abstract_with_shardings
+from bigjax.config import Config, load_config, save_config, to_dict
+from bigjax.data.loader import TrainLoader, eval_batches
+from bigjax.data.pipeline import build_data
+from bigjax.errors import CheckpointError, ConfigError
+from bigjax.optim import make_optimizer
+from bigjax.perf import flops_per_token, peak_flops
+from bigjax.report import Reporter, plot_losses
+from bigjax.state import TrainState, count_params, init_state, model_spec, state_shardings
+from bigjax.step import (jit_eval_step, jit_train_step, make_eval_step, make_train_step,
+                         with_activation_sharding)
+from bigjax.tasks import make_task
+
+__version__ = "0.1.0"
+
+
+def prepare_run_dir(path: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"run.dir '{path}' is not writable: {e.strerror or e}")
+    return os.path.abspath(path)
+
+
+def _pad_vocab(n: int, multiple: int = 128) -> int:
+    # A round vocabulary shards evenly over the tensor axis and fills matmul tiles.
+    return int(math.ceil(n / multiple) * multiple)
+
+
+class Trainer:
+    """`Trainer(config_or_path, overrides).train()`; `.evaluate()` returns validation metrics."""
+
+    def __init__(self, config: Config | str | os.PathLike | None = None,
+                 overrides: list[str] | None = None):
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        self.cfg = cfg
+        from bigjax import distributed
+        distributed.initialize(cfg.distributed)
+        self.mesh = mesh_lib.make_mesh(cfg.mesh)
+        self._check_batch()
+        self.run_dir = prepare_run_dir(cfg.run.dir)
+        self.data = build_data(cfg, self.run_dir)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = _pad_vocab(len(self.data.tokenizer))
+        self.task = make_task(cfg)
+        self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
+        self.spec = model_spec(cfg)
+        self.abstract, self.shardings = state_shardings(cfg, self.spec, self.tx, self.mesh)
+        rules = cfg.sharding.rules
+        self.batch_sharding = NamedSharding(self.mesh, mesh_lib.batch_spec(rules, self.mesh, 2))
+        self.n_params = count_params(self.spec.abstract_params)
+        step = make_train_step(self.spec, self.task, self.tx, self.schedule,
+                               grad_accum=cfg.train.grad_accum, seed=cfg.seed)
+        self.train_step = jit_train_step(with_activation_sharding(step, self.mesh, rules),
+                                         self.shardings, self.batch_sharding)
+        self.eval_step = jit_eval_step(
+            with_activation_sharding(make_eval_step(self.spec, self.task), self.mesh, rules),
+            self.shardings, self.batch_sharding)
+        self.checkpointer: Checkpointer | None = None
+        self.state: TrainState | None = None
+        self._stop_requested = False
+
+    def _check_batch(self) -> None:
+        t = self.cfg.train
+        div = mesh_lib.batch_divisor(self.cfg.sharding.rules, self.mesh)
+        micro = t.batch_size // t.grad_accum
+        if micro % div:
+            raise ConfigError(
+                f"train.batch_size={t.batch_size} (micro-batch {micro} with grad_accum={t.grad_accum}) "
+                f"is not divisible by the batch-sharded mesh axes data*fsdp={div}")
+
+    # ---- state -------------------------------------------------------------------------------
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {"step": step, "config": to_dict(self.cfg), "bigjax_version": __version__,
+                "mesh": dict(self.mesh.shape), "process_count": jax.process_count()}
+
+    def _restore_or_init(self) -> tuple[TrainState, dict | None]:
+        ckpt = self.checkpointer
+        policy = self.cfg.checkpoint.resume
+        latest = ckpt.latest_step() if policy != "never" else None
+        if latest is None:
+            if policy == "must":
+                raise CheckpointError(
+                    f"checkpoint.resume=must but {ckpt.directory} holds no checkpoint")
+            return init_state(self.cfg, self.tx, self.shardings), None
+        target = abstract_with_shardings(self.abstract, self.shardings)
+        state, data_state, _ = ckpt.restore(latest, target)
+        return state, data_state
+
+    def init_state(self) -> TrainState:
+        if self.state is None:
+            self.checkpointer = self.checkpointer or Checkpointer(self.run_dir, self.cfg.checkpoint)
+            self.state, self._data_state = self._restore_or_init()
+        return self.state
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics over the whole eval split (padding rows carry no weight)."""
+        state = self.init_state()
+        sums: dict[str, float] = {}
+        batches = eval_batches(self.data.eval, self.cfg.train.batch_size // self.cfg.train.grad_accum,
+                               sharding=self.batch_sharding, process_index=jax.process_index(),
+                               process_count=jax.process_count(), limit=self.cfg.train.eval_batches)
+        pending = []
+        for batch in batches:
+            pending.append(self.eval_step(state.params, state.model_state, batch))
+        for stats in jax.device_get(pending):
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return {f"eval_{k}": v for k, v in self.task.finalize(sums).items()}
+
+    # ---- training ----------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt(f"second signal {signum}: aborting without a checkpoint")
+        self._stop_requested = True
+
+    def train(self) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        state = self.init_state()
+        start = int(jax.device_get(state.step))
+        save_config(cfg, os.path.join(self.run_dir, "config.yaml")) if jax.process_index() == 0 else None
+        loader = TrainLoader(self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                             sharding=self.batch_sharding, process_index=jax.process_index(),
+                             process_count=jax.process_count(), workers=cfg.data.workers)
+        if self._data_state:
+            loader.restore(self._data_state)
+        report = Reporter(self.run_dir, t.steps, start, t.progress)
+        if start:
+            report.message(f"resumed from step {start} ({self.checkpointer.directory})")
+        report.message(f"model: {self.n_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}, "
+                       f"{len(self.data.train)} training examples")
+        tokens_per_step = t.batch_size * t.seq_len
+        flops_tok = flops_per_token(cfg, self.n_params)
+        peak = peak_flops(cfg)
+        last: dict[str, float] = {}
+        if start == 0 and start < t.steps:
+            last = self.evaluate()
+            report.log({"step": 0, **last})
+            report.message(f"step 0: eval_loss {last['eval_loss']:.4f}")
+
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        pending: tuple[int, Any] | None = None
+        t_last, step_last = time.perf_counter(), start
+        preempted = False
+        try:
+            step = start
+            while step < t.steps:
+                batch = next(loader)
+                state, metrics = self.train_step(state, batch)
+                step += 1
+                if pending is not None:  # the previous logged step: fetched while this one runs
+                    t_last, step_last = self._log(report, pending, t_last, step_last,
+                                                  tokens_per_step, flops_tok, peak)
+                    pending = None
+                if step % t.log_every == 0 or step == t.steps:
+                    pending = (step, metrics)
+                self.state = state
+                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                    last = self.evaluate()
+                    report.log({"step": step, **last})
+                    report.message(f"step {step}: eval_loss {last['eval_loss']:.4f}")
+                every = cfg.checkpoint.every
+                if every and step % every == 0 and step < t.steps:
+                    self.checkpointer.save(step, state, loader.state(), self._meta(step),
+                                           metrics=last or None)
+                if self._stop_requested or self.checkpointer.reached_preemption(step):
+                    preempted = step < t.steps
+                    break
+            if pending is not None:
+                self._log(report, pending, t_last, step_last, tokens_per_step, flops_tok, peak)
+            if not preempted:
+                last = self.evaluate()
+                report.log({"step": step, **last})
+                report.message(f"step {step}: eval_loss {last['eval_loss']:.4f} "
+                               f"eval_perplexity {last.get('eval_perplexity', float('nan')):.2f}")
+            if step not in self.checkpointer.all_steps():
+                self.checkpointer.save(step, state, loader.state(), self._meta(step),
+                                       metrics=last or None, force=True)
+            self.checkpointer.wait()
+            if preempted:
+                report.message(f"stopped by signal at step {step}; checkpoint complete in "
+                               f"{self.checkpointer.directory}/{step}; run the same command to resume")
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            report.close()
+        if jax.process_index() == 0:
+            plot_losses(self.run_dir)
+        self.preempted = preempted
+        return last
+
+    def _log(self, report: Reporter, pending, t_last: float, step_last: int, tokens_per_step: int,
+             flops_tok: float, peak: float) -> tuple[float, int]:
+        step, metrics = pending
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        dt = (now - t_last) / max(step - step_last, 1)
+        w = max(m.pop("weight"), 1e-9)
+        finals = self.task.finalize({**m, "weight": w})
+        row = {"step": step, **finals, "grad_norm": m["grad_norm"], "lr": m["lr"],
+               "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
+               "tokens_per_s_per_device": tokens_per_step / dt / jax.device_count()}
+        if peak > 0:
+            row["mfu"] = flops_tok * row["tokens_per_s"] / peak
+        report.log(row)
+        report.progress(step, {"loss": f"{finals['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"})
+        return now, step
