@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bigjax.config import Config
+from bigjax.data.sources import files_for, read_records
 from bigjax.data.lm import PackedWindows, TokenStream
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
 from bigjax.errors import DataError
@@ -33,13 +33,13 @@ def read_texts(cfg: Config) -> list[str]:
         if src != "builtin:pydocs":
             raise DataError(f"data.source: unknown builtin corpus '{src}' (known: builtin:pydocs)")
         return python_docs(cfg.data.max_chars)
-    files = sorted(glob.glob(src, recursive=True))
-    if not files:
-        raise DataError(f"data.source: no files match '{src}'")
+    field = cfg.data.text_field
     texts = []
-    for path in files:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            texts.extend(p for p in fh.read().split("\n\n") if p.strip())
+    for path in files_for(src):
+        for i, row in enumerate(read_records(path, field)):
+            if field not in row:
+                raise DataError(f"{path}: row {i + 1} has no field '{field}' (data.text_field)")
+            texts.append(str(row[field]))
     if not texts:
         raise DataError(f"data.source: the files matching '{src}' hold no text")
     return texts

