@@ -59,20 +59,21 @@ class TaskConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME | file glob (.txt/.jsonl/.csv/.parquet)
-    dir: str = ""  # tensorflow-datasets data dir ("" = tfds default)
-    split: str = "train"
-    eval_split: str = ""  # "" = hold out val_fraction of the training data
+    source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME[/CONFIG] | file glob (.txt/.jsonl/.csv/.parquet)
+    dir: str = ""  # tensorflow-datasets data dir ("" = tfds default); bigjax never downloads
+    split: str = "train"  # tfds split for training (slices like train[:90%] work)
+    eval_split: str = ""  # tfds split, or a file glob for file sources; "" = hold out val_fraction
     val_fraction: float = 0.05
     text_field: str = "text"
     label_field: str = "label"
     tokenizer: str = ""  # local Hugging Face tokenizer dir; "" = train a byte-level BPE on the data
     vocab_size: int = 4096  # for a tokenizer that bigjax trains
     max_chars: int = 4_000_000  # cap on the builtin corpus size
-    pack: bool = True  # LM: concatenate documents and cut fixed-length windows
-    on_bad_rows: Literal["skip", "error"] = "skip"
+    pack: bool = True  # LM: concatenate documents and cut fixed-length windows; false = pad each
+    on_bad_rows: Literal["skip", "error"] = "skip"  # rows not UTF-8/JSON: skip and count, or fail
     shuffle: bool = True
     workers: int = 0  # grain worker processes; 0 = in the main process
+    threads: int = 0  # grain reader threads per process; 0 = grain's default (16)
 
 
 @dataclass
@@ -136,11 +137,15 @@ class ShardingConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end
-    keep: int = 3
+    keep: int = 3  # the latest `keep` checkpoints always stay (resume needs them)
+    # auto = resume from the newest usable checkpoint if any; must = fail without one;
+    # never = start fresh and refuse a run dir that already holds checkpoints
     resume: Literal["auto", "must", "never"] = "auto"
-    async_save: bool = True
-    keep_best_metric: str = ""  # e.g. eval_loss; "" = keep the last `keep`
+    async_save: bool = True  # write in background threads; the loop blocks only to copy arrays
+    # an eval metric (eval_loss, ...): also save at every evaluation and keep the best `keep_best`
+    keep_best_metric: str = ""
     keep_best_mode: Literal["min", "max"] = "min"
+    keep_best: int = 1
 
 
 @dataclass
@@ -298,7 +303,11 @@ def validate(cfg: Config) -> None:
         "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
         "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
         "model.d_ff": m.d_ff, "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.keep_best": cfg.checkpoint.keep_best,
     }
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(f"checkpoint.every must be 0 (only at the end) or a number of steps, "
+                          f"got {cfg.checkpoint.every}")
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")

@@ -71,7 +71,9 @@ class Trainer:
         self.spec = model_spec(cfg)
         self.abstract, self.shardings = state_shardings(cfg, self.spec, self.tx, self.mesh)
         rules = cfg.sharding.rules
-        self.batch_sharding = NamedSharding(self.mesh, mesh_lib.batch_spec(rules, self.mesh, 2))
+        # rank-1 spec: splits the leading (batch) axis of every batch array, whatever its rank
+        # (classification labels are (B,), token arrays (B, T))
+        self.batch_sharding = NamedSharding(self.mesh, mesh_lib.batch_spec(rules, self.mesh, 1))
         self.n_params = count_params(self.spec.abstract_params)
         step = make_train_step(self.spec, self.task, self.tx, self.schedule,
                                grad_accum=cfg.train.grad_accum, seed=cfg.seed)
@@ -99,17 +101,34 @@ class Trainer:
                 "mesh": dict(self.mesh.shape), "process_count": jax.process_count()}
 
     def _restore_or_init(self) -> tuple[TrainState, dict | None]:
+        """Resume from the newest usable checkpoint of the run, else init (and `init.from`).
+
+        Never silently starts from scratch over checkpoints: `never` refuses a run dir that holds
+        some, and damaged or foreign ones raise (checkpoint.py) rather than fall through to init.
+        """
         ckpt = self.checkpointer
         policy = self.cfg.checkpoint.resume
-        latest = ckpt.latest_step() if policy != "never" else None
-        if latest is None:
-            if policy == "must":
-                raise CheckpointError(
-                    f"checkpoint.resume=must but {ckpt.directory} holds no checkpoint")
-            return init_state(self.cfg, self.tx, self.shardings), None
-        target = abstract_with_shardings(self.abstract, self.shardings)
-        state, data_state, _ = ckpt.restore(latest, target)
-        return state, data_state
+        if policy == "never" and ckpt.all_steps():
+            raise CheckpointError(
+                f"checkpoint.resume=never but {ckpt.directory} already holds checkpoints (steps "
+                f"{ckpt.all_steps()}); use a new run.dir, or resume=auto to continue from them")
+        restored = None
+        if policy != "never":
+            target = abstract_with_shardings(self.abstract, self.shardings)
+            restored = ckpt.restore_latest(target, to_dict(self.cfg)["model"])
+        if restored is not None:
+            return restored.state, restored.data_state
+        if policy == "must":
+            raise CheckpointError(
+                f"checkpoint.resume=must but {ckpt.directory} holds no checkpoint")
+        state = init_state(self.cfg, self.tx, self.shardings)
+        if self.cfg.init.from_:
+            from bigjax.init_from import load_init_params
+            params = load_init_params(self.cfg, self.cfg.init.from_, state.params)
+            # The optimizer state was built from the fresh params; adam's moments are zeros either
+            # way, so only the params change.
+            state = state.replace(params=params)
+        return state, None
 
     def init_state(self) -> TrainState:
         if self.state is None:
@@ -133,6 +152,35 @@ class Trainer:
                 sums[k] = sums.get(k, 0.0) + float(v)
         return {f"eval_{k}": v for k, v in self.task.finalize(sums).items()}
 
+    # ---- a finished run ------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> "Trainer":
+        """The trainer of an existing run, restoring its latest checkpoint (eval, predict)."""
+        path = os.path.join(run_dir, "config.yaml")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"'{run_dir}' is not a bigjax run dir (no config.yaml in it)")
+        cfg = load_config(path, [f"run.dir={os.path.abspath(run_dir)}", "checkpoint.resume=must",
+                                 *(overrides or [])])
+        return cls(cfg)
+
+    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
+        """(label name, probability) of the most likely class for each text."""
+        from bigjax.data.classification import load_label_names
+        from bigjax.predict import make_probs_fn, predict_texts
+        if self.cfg.task.name != "classification":
+            raise ConfigError(f"predict needs a classification run; this one has "
+                              f"task.name={self.cfg.task.name}")
+        state = self.init_state()
+        if not hasattr(self, "_probs_fn"):
+            self._probs_fn = make_probs_fn(self.spec, self.shardings.params,
+                                           self.shardings.model_state, self.batch_sharding)
+        names = load_label_names(self.run_dir) or [str(i) for i in range(self.cfg.task.num_labels)]
+        return predict_texts(self._probs_fn, state.params, state.model_state, self.data.tokenizer,
+                             list(texts), names, seq_len=self.cfg.train.seq_len,
+                             batch_size=self.cfg.train.batch_size,
+                             multiple=mesh_lib.batch_divisor(self.cfg.sharding.rules, self.mesh),
+                             batch_sharding=self.batch_sharding)
+
     # ---- training ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         if self._stop_requested:
@@ -146,7 +194,8 @@ class Trainer:
         save_config(cfg, os.path.join(self.run_dir, "config.yaml")) if jax.process_index() == 0 else None
         loader = TrainLoader(self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
                              sharding=self.batch_sharding, process_index=jax.process_index(),
-                             process_count=jax.process_count(), workers=cfg.data.workers)
+                             process_count=jax.process_count(), workers=cfg.data.workers,
+                             threads=cfg.data.threads)
         if self._data_state:
             loader.restore(self._data_state)
         report = Reporter(self.run_dir, t.steps, start, t.progress)

@@ -55,3 +55,34 @@ class PackedWindows:
             "segment_ids": seg,
             "positions": idx - starts,
         }
+
+
+class PaddedDocs:
+    """One example per document (`data.pack: false`): truncated to seq_len, padded with weight 0.
+
+    Documents longer than a window are cut; `truncated_docs` / `truncated_tokens` count what was
+    cut, so nothing is dropped without a number in the logs.
+    """
+
+    def __init__(self, docs_ids: list[list[int]], eos_id: int | None, seq_len: int, pad_id: int = 0):
+        self.seq_len, self.pad_id = seq_len, pad_id
+        docs = [d + [eos_id] if eos_id is not None else d for d in docs_ids]
+        self.docs = [np.asarray(d, np.int32) for d in docs if len(d) >= 2]  # need one target
+        self.truncated_docs = sum(len(d) > seq_len + 1 for d in self.docs)
+        self.truncated_tokens = sum(max(len(d) - seq_len - 1, 0) for d in self.docs)
+
+    def __len__(self) -> int:
+        return len(self.docs)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        d = self.docs[i][: self.seq_len + 1]
+        n, L = len(d) - 1, self.seq_len
+        inputs = np.full(L, self.pad_id, np.int32)
+        targets = np.full(L, self.pad_id, np.int32)
+        inputs[:n], targets[:n] = d[:-1], d[1:]
+        weights = np.zeros(L, np.float32)
+        weights[:n] = 1.0
+        # padding is its own segment, so real tokens never attend to it
+        return {"inputs": inputs, "targets": targets, "weights": weights,
+                "segment_ids": (weights == 0).astype(np.int32),
+                "positions": np.arange(L, dtype=np.int32)}

@@ -28,22 +28,39 @@ def to_global(local: Example, sharding: NamedSharding) -> dict[str, jax.Array]:
 
 
 class TrainLoader:
-    """Endless shuffled batches; `state()` / `restore(state)` make resume exact."""
+    """Endless shuffled batches; `state()` / `restore(state)` make resume exact.
+
+    Order: one global shuffle per epoch (the same on every process: same seed, epoch folded in),
+    cut to a multiple of the process count, then process p takes elements p, p+P, ... of it. So
+    the processes' shares are disjoint, together cover the epoch once, and are equally long (the
+    at most P-1 examples cut per epoch are counted in `dropped_per_epoch`). Batches may span an
+    epoch boundary; no example is ever lost to batching.
+    """
 
     def __init__(self, source: Sequence[Example], global_batch: int, *, seed: int, shuffle: bool,
                  sharding: NamedSharding | None, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0):
+                 workers: int = 0, threads: int = 0):
+        from bigjax.errors import DataError
         self.local_batch = _local_batch(global_batch, process_count)
-        ds = grain.MapDataset.source(source).repeat(None)
+        n = len(source)
+        usable = n - n % process_count
+        if usable < process_count:
+            raise DataError(f"the training data holds {n} examples, fewer than the "
+                            f"{process_count} processes that share it")
+        ds = grain.MapDataset.source(source)
         if shuffle:
-            ds = ds.seed(seed).shuffle()  # after repeat: a different order every epoch
-        ds = ds[process_index::process_count].batch(self.local_batch, drop_remainder=True)
-        it_ds = ds.to_iter_dataset()
+            ds = ds.shuffle(seed=seed)  # before repeat: each epoch is a fresh permutation of it
+        ds = ds[:usable][process_index::process_count].repeat(None)
+        ds = ds.batch(self.local_batch, drop_remainder=True)
+        # threads: grain reads elements of a batch concurrently; 0 = grain's default
+        opts = grain.ReadOptions(num_threads=threads) if threads else None
+        it_ds = ds.to_iter_dataset(opts)
         if workers > 0:
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         self.sharding = sharding
         self._it = iter(it_ds)
-        self.examples_per_epoch = len(source)
+        self.examples_per_epoch = usable // process_count
+        self.dropped_per_epoch = n - usable
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
