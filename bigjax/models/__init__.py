@@ -36,3 +36,9 @@ def known_models() -> list[str]:
 def _gpt(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
     from bigjax.models.gpt import GPT
     return GPT(cfg.model, rngs)
+
+
+@register("bert")
+def _bert(cfg: Config, rngs: nnx.Rngs) -> nnx.Module:
+    from bigjax.models.bert import build_bert
+    return build_bert(cfg, rngs)

@@ -1,0 +1,160 @@
+"""Hugging Face weights without PyTorch: `config.json` + `model.safetensors` <-> bigjax parameter trees.
+
+`load_params(hf_dir, cfg)` reads a BERT, GPT-2 or LLaMA checkpoint (bare base model or with its
+head) into bigjax's naming; `save_params(params, cfg, out_dir)` writes what
+`transformers.AutoModel.from_pretrained(out_dir)` loads. Name tables live in `names.py`, config
+translation in `configs.py`, whole-run conversion (the `convert` CLI) in `convert.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from bigjax.config import Config, ModelConfig
+from bigjax.errors import CheckpointError
+from bigjax.hf import names
+from bigjax.hf.configs import hf_config_from_bigjax, model_config_from_hf, read_hf_config
+
+__all__ = ["load_params", "save_params", "model_config_from_hf", "apply_hf_model_config"]
+
+WEIGHTS = "model.safetensors"
+# Settings a user may choose differently from the pretrained checkpoint when finetuning.
+_USER_CHOOSES = ("dropout", "attention_dropout")
+
+
+def _abstract_params(cfg: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
+    from flax import nnx
+
+    from bigjax.models import create_model
+
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flat[tuple(str(k.key) for k in path)] = tuple(leaf.shape)
+    return flat
+
+
+def _read_tensors(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
+    from safetensors.numpy import load_file
+
+    path = os.path.join(hf_dir, WEIGHTS)
+    if not os.path.isfile(path):
+        sharded = os.path.join(hf_dir, WEIGHTS + ".index.json")
+        hint = " (sharded checkpoints are not supported)" if os.path.isfile(sharded) else ""
+        raise CheckpointError(f"'{path}' does not exist{hint}: bigjax reads Hugging Face weights "
+                              "from model.safetensors only (no pytorch_model.bin)")
+    try:
+        return load_file(path), path
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"'{path}' is not a readable safetensors file: {str(e).splitlines()[0]}")
+
+
+def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
+    out: dict = {}
+    for path, value in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+    return out
+
+
+def load_params(hf_dir: str, cfg: Config) -> dict:
+    """Nested dict of float32 numpy arrays in bigjax naming for the model `cfg` describes.
+
+    Head parameters absent from the checkpoint are absent from the result (init-from keeps their
+    fresh initialisation); a missing base tensor or a shape mismatch is a CheckpointError.
+    """
+    read_hf_config(hf_dir)  # checks the file and the family before the big read
+    tensors, path = _read_tensors(hf_dir)
+    family = names.family_of(cfg)
+    table, prefix = names.TABLES[family]
+    has_prefix = any(k.startswith(prefix) for k in tensors)
+    shapes = _abstract_params(cfg)
+    out = {}
+    for e in table(cfg):
+        name = (prefix if has_prefix and e.base else "") + e.hf
+        if name not in tensors:
+            if e.head:
+                continue
+            raise CheckpointError(f"{path}: tensor '{name}' is missing (needed for bigjax "
+                                  f"parameter {'/'.join(e.path)}; is this a {family} checkpoint?)")
+        shape = shapes[e.path]
+        want = names.hf_shape(e, shape)
+        if tuple(tensors[name].shape) != want:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
+                                  f"expected {want} for the configured model")
+        out[e.path] = names.to_bigjax(e, tensors[name], shape)
+    return _nest(out)
+
+
+def apply_hf_model_config(cfg: Config, hf_dir: str) -> None:
+    """Set `cfg.model` to the checkpoint's architecture (the user need not copy sizes).
+
+    Dropout stays the user's when they changed it from the default; dtype is always the user's.
+    """
+    defaults = ModelConfig()
+    for key, value in model_config_from_hf(hf_dir).items():
+        if key in _USER_CHOOSES and getattr(cfg.model, key) != getattr(defaults, key):
+            continue
+        setattr(cfg.model, key, value)
+
+
+def _flat_params(params: Any) -> dict[tuple[str, ...], np.ndarray]:
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        flat[tuple(str(getattr(k, "key", k)) for k in path)] = np.asarray(leaf, np.float32)
+    return flat
+
+
+def hf_tensors(params: Any, cfg: Config) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(safetensors dict, config.json dict) for a bigjax parameter tree."""
+    family = names.family_of(cfg)
+    table, prefix = names.TABLES[family]
+    flat = _flat_params(params)
+    hf_cfg = hf_config_from_bigjax(cfg, family)
+    # the base model goes under its prefix whenever the architecture carries a head
+    with_head = hf_cfg["architectures"][0] not in ("BertModel",)
+    parts: dict[str, list[tuple[int, np.ndarray]]] = {}
+    axis: dict[str, int] = {}
+    for e in table(cfg):
+        if e.path not in flat:
+            raise CheckpointError(f"parameter {'/'.join(e.path)} is missing from the bigjax "
+                                  f"checkpoint (model {cfg.model.name}, task {cfg.task.name})")
+        name = (prefix if with_head and e.base else "") + e.hf
+        parts.setdefault(name, []).append((e.part, names.to_hf(e, flat[e.path])))
+        axis[name] = names.join_axis(e)
+    tensors = {n: np.ascontiguousarray(np.concatenate([t for _, t in sorted(p, key=lambda x: x[0])],
+                                                      axis=axis[n]))
+               for n, p in parts.items()}
+    return tensors, hf_cfg
+
+
+def save_params(params: Any, cfg: Config, out_dir: str) -> None:
+    """Write config.json + model.safetensors that transformers' Auto classes load."""
+    from safetensors.numpy import save_file
+
+    tensors, hf_cfg = hf_tensors(params, cfg)
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(hf_cfg, fh, indent=2)
+
+
+def model_config_for(hf_dir: str, base: Config | None = None) -> Config:
+    """A Config whose model (and task head) describe the checkpoint in `hf_dir`."""
+    from bigjax.hf.configs import task_from_hf
+
+    cfg = copy.deepcopy(base) if base is not None else Config()
+    apply_hf_model_config(cfg, hf_dir)
+    for k, v in task_from_hf(read_hf_config(hf_dir)).items():
+        setattr(cfg.task, k, v)
+    return cfg

@@ -1,0 +1,125 @@
+"""Whole-run conversion for `bigjax convert`: a Hugging Face dir <-> a bigjax run dir.
+
+hf-to-bigjax writes a run dir that looks like a finished run at step 0 (config.yaml, tokenizer/,
+an orbax checkpoint under checkpoints/0), so `init.from: <that dir>` and `bigjax eval` accept it.
+bigjax-to-hf restores a run's latest parameters and writes config.json + model.safetensors +
+tokenizer files. Both refuse to write into a directory that already holds their output.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+
+from bigjax.config import Config, MeshConfig, load_config, save_config, to_dict
+from bigjax.errors import CheckpointError
+from bigjax.hf import WEIGHTS, load_params, model_config_for, save_params
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def _one_device_state(cfg: Config):
+    """Optimizer, shardings and abstract state on a one-device mesh (conversion needs no more)."""
+    from bigjax import mesh as mesh_lib
+    from bigjax.optim import make_optimizer
+    from bigjax.state import model_spec, state_shardings
+
+    mesh = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
+    spec = model_spec(cfg)
+    abstract, shardings = state_shardings(cfg, spec, tx, mesh)
+    return tx, abstract, shardings
+
+
+def _copy_tokenizer(src: str, dst: str) -> bool:
+    found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+    if not found:
+        return False
+    os.makedirs(dst, exist_ok=True)
+    for f in found:
+        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+    return True
+
+
+def hf_to_bigjax(src: str, out: str) -> Config:
+    """Import `src` (config.json + model.safetensors) into a new bigjax run dir `out`."""
+    from bigjax.checkpoint import Checkpointer
+    from bigjax.config import CheckpointConfig
+    from bigjax.state import init_state
+
+    if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+        raise CheckpointError(f"'{out}' already holds checkpoints; convert into a new directory")
+    cfg = model_config_for(src)
+    params = load_params(src, cfg)  # before anything is written: bad input leaves `out` untouched
+    cfg.run.dir = os.path.abspath(out)
+    cfg.init.from_ = ""
+    cfg.checkpoint.async_save = False
+    if cfg.model.max_seq_len < cfg.train.seq_len:
+        cfg.train.seq_len = cfg.model.max_seq_len
+    os.makedirs(out, exist_ok=True)
+    if _copy_tokenizer(src, os.path.join(out, "tokenizer")):
+        cfg.data.tokenizer = os.path.join(cfg.run.dir, "tokenizer")
+    tx, abstract, shardings = _one_device_state(cfg)
+    state = init_state(cfg, tx, shardings)
+    # heads absent from the checkpoint keep their fresh init; everything else is replaced
+    merged = _merge(jax.device_get(state.params), params)
+    state = state.replace(params=jax.device_put(merged, shardings.params),
+                          opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(merged))
+    ckpt = Checkpointer(out, CheckpointConfig(async_save=False))
+    ckpt.save(0, state, {}, {"step": 0, "config": to_dict(cfg), "converted_from": os.path.abspath(src)},
+              force=True)
+    ckpt.close()
+    save_config(cfg, os.path.join(out, "config.yaml"))
+    return cfg
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) else v
+    return out
+
+
+def run_params(run_dir: str, step: int | None = None) -> tuple[Config, dict]:
+    """The config and parameters (numpy) of a run's latest (or given) checkpoint."""
+    from bigjax.checkpoint import Checkpointer, abstract_with_shardings
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"'{cfg_path}' does not exist: expected a bigjax run dir")
+    cfg = load_config(cfg_path)
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        raise CheckpointError(f"'{run_dir}' has no checkpoints/ directory")
+    ckpt = Checkpointer(run_dir, cfg.checkpoint)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise CheckpointError(f"'{run_dir}/checkpoints' holds no checkpoint")
+    tx, abstract, shardings = _one_device_state(cfg)
+    state, _, _ = ckpt.restore(step, abstract_with_shardings(abstract, shardings))
+    ckpt.close()
+    return cfg, jax.device_get(state.params)
+
+
+def bigjax_to_hf(run_dir: str, out: str) -> Config:
+    """Export a run's latest parameters (and tokenizer) as a Hugging Face model dir."""
+    for name in (WEIGHTS, "config.json"):
+        if os.path.exists(os.path.join(out, name)):
+            raise CheckpointError(f"'{os.path.join(out, name)}' already exists; export into a new "
+                                  "directory")
+    cfg, params = run_params(run_dir)
+    tmp = out.rstrip("/") + ".tmp-export"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_params(params, cfg, tmp)
+    tok_dir = os.path.join(run_dir, "tokenizer")
+    if not os.path.isdir(tok_dir):
+        tok_dir = cfg.data.tokenizer
+    if tok_dir and os.path.isdir(tok_dir):
+        _copy_tokenizer(tok_dir, tmp)
+    os.makedirs(out, exist_ok=True)
+    for f in os.listdir(tmp):  # files move in only once all of them were written
+        os.replace(os.path.join(tmp, f), os.path.join(out, f))
+    os.rmdir(tmp)
+    return cfg

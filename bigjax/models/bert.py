@@ -1,0 +1,108 @@
+"""BERT-style encoder: learned token, position and token-type embeddings, post-LayerNorm blocks,
+exact-GELU MLP, padding mask; heads chosen by the task (masked-LM tied to the word embeddings, or
+pooler + dropout + classifier). Parameter names map one to one onto Hugging Face's (bigjax/hf).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigjax.config import Config, ModelConfig
+from bigjax.errors import ConfigError
+from bigjax.mesh import constrain
+from bigjax.models import layers
+from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm
+
+ACT = ("batch", "length", "act_embed")
+
+
+class BertLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
+        attn_drop = cfg.dropout if cfg.attention_dropout < 0 else cfg.attention_dropout
+        norm = lambda: Norm(cfg.d_model, "layernorm", cfg.norm_eps, True, dtype, rngs)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, head_dim, use_bias=True,
+                              dropout=attn_drop, rope_theta=None, dtype=dtype, std=cfg.init_std,
+                              out_std=cfg.init_std, rngs=rngs)
+        self.attn_norm = norm()
+        self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, use_bias=True, dtype=dtype,
+                       std=cfg.init_std, out_std=cfg.init_std, rngs=rngs)
+        self.mlp_norm = norm()
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def __call__(self, x, mask, rngs):
+        drop = lambda h: self.dropout(h, deterministic=rngs is None, rngs=rngs)
+        x = self.attn_norm(x + drop(self.attn(x, mask, None, rngs)))  # post-norm, as in BERT
+        return self.mlp_norm(x + drop(self.mlp(x)))
+
+
+class Bert(nnx.Module):
+    """`head`: "masked_lm", "classification" or None (bare encoder with pooler, like BertModel)."""
+
+    def __init__(self, cfg: ModelConfig, head: str | None, num_labels: int, rngs: nnx.Rngs):
+        dtype = jnp.dtype(cfg.dtype)
+        self.cfg, self.head = cfg, head
+        D = cfg.d_model
+        embed = lambda n, axes: Embed(n, D, axes, dtype, cfg.init_std, rngs)
+        self.embed = embed(cfg.vocab_size, ("vocab", "embed"))
+        self.pos_embed = embed(cfg.max_seq_len, (None, "embed"))
+        self.type_embed = embed(cfg.type_vocab_size, (None, "embed"))
+        self.embed_norm = Norm(D, "layernorm", cfg.norm_eps, True, dtype, rngs)
+        for i in range(cfg.n_layers):
+            setattr(self, f"layer_{i}", BertLayer(cfg, rngs))
+        dense = lambda n_out, axes: Dense((D,), (n_out,), axes, use_bias=True, dtype=dtype,
+                                          std=cfg.init_std, rngs=rngs)
+        # BertForMaskedLM has no pooler; BertModel and the classifier do
+        self.pooler = dense(D, ("embed", None)) if head != "masked_lm" else None
+        self.classifier = self.mlm_dense = self.mlm_norm = self.mlm_bias = None
+        if head == "classification":
+            if num_labels < 1:
+                raise ConfigError("task.num_labels must be at least 1 for a classification head "
+                                  f"(got {num_labels}; 0 means: count the labels in the data)")
+            self.classifier = dense(num_labels, ("embed", None))
+        elif head == "masked_lm":
+            self.mlm_dense = dense(D, ("embed", None))
+            self.mlm_norm = Norm(D, "layernorm", cfg.norm_eps, True, dtype, rngs)
+            self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32),
+                                      out_sharding=("vocab",))
+        self.dropout = nnx.Dropout(cfg.dropout)
+
+    def encode(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Last hidden states B×T×D (Hugging Face's `last_hidden_state`)."""
+        B, T = input_ids_BT.shape
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros((B, T), jnp.int32)
+        x = (self.embed(input_ids_BT) + self.pos_embed(jnp.arange(T)[None])
+             + self.type_embed(token_type_ids))
+        x = self.dropout(self.embed_norm(x), deterministic=rngs is None, rngs=rngs)
+        x = constrain(x, ACT)
+        mask = layers.attention_mask(None, attention_mask, causal=False, length=T)
+        for i in range(self.cfg.n_layers):
+            x = constrain(getattr(self, f"layer_{i}")(x, mask, rngs), ACT)
+        return x
+
+    def __call__(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """float32 logits: B×T×vocab (masked_lm), B×num_labels (classification); else hidden states."""
+        h = self.encode(input_ids_BT, token_type_ids=token_type_ids,
+                        attention_mask=attention_mask, rngs=rngs)
+        if self.head == "masked_lm":
+            h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(h), approximate=False))
+            return (self.embed.attend(h) + self.mlm_bias[...]).astype(jnp.float32)
+        if self.head == "classification":
+            pooled = self.dropout(self.pool(h), deterministic=rngs is None, rngs=rngs)
+            return self.classifier(pooled).astype(jnp.float32)
+        return h.astype(jnp.float32)
+
+    def pool(self, h_BTD: jax.Array) -> jax.Array:
+        """BERT's pooler: dense + tanh on the first ([CLS]) token."""
+        return jnp.tanh(self.pooler(h_BTD[:, 0]))
+
+
+def build_bert(cfg: Config, rngs: nnx.Rngs) -> Bert:
+    head = cfg.task.name if cfg.task.name in ("masked_lm", "classification") else None
+    return Bert(cfg.model, head, cfg.task.num_labels, rngs)
