@@ -54,7 +54,7 @@ def _build(cfg: Config, seed: int) -> tuple[Any, dict, dict, dict]:
         model = create_model(cfg, nnx.Rngs(params=seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     logical = _nested({p: tuple(v.get_metadata().get("out_sharding") or ())
-                       for p, v in params.flat_state()})
+                       for p, v in nnx.to_flat_state(params)})
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), logical
 
 
