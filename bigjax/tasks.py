@@ -63,6 +63,70 @@ class CausalLM:
         return finalize_token_stats(sums)
 
 
+@dataclass(frozen=True)
+class MaskedLM:
+    """BERT masked-LM; batch: input_ids, attention_mask, optional token_type_ids, targets, weights.
+
+    The masking itself happens in the data pipeline (bigjax/data/mlm.py), so the weights are 1 only
+    at the selected positions and the loss covers those alone.
+    """
+
+    name: str = "masked_lm"
+
+    def stats(self, model, batch, rngs):
+        logits = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                       attention_mask=batch["attention_mask"], rngs=rngs)
+        return token_stats(logits, batch["targets"], batch["weights"])
+
+    def finalize(self, sums):
+        return finalize_token_stats(sums)
+
+
+@dataclass(frozen=True)
+class Classification:
+    """Sequence classification; batch: input_ids, attention_mask, token_type_ids, labels, weights.
+
+    Besides the loss it sums per-class true/false positives and false negatives as scalars
+    (`tp_3`, ...), so macro F1 over a whole split is exact however it was batched.
+    """
+
+    num_labels: int
+    name: str = "classification"
+
+    def stats(self, model, batch, rngs):
+        logits = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                       attention_mask=batch["attention_mask"], rngs=rngs)
+        labels, w = batch["labels"], batch["weights"].astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        pred = jnp.argmax(logits, -1)
+        out = {"loss_sum": (losses * w).sum(), "weight": w.sum(),
+               "correct": ((pred == labels) * w).sum()}
+        for k in range(self.num_labels):
+            is_pred, is_label = (pred == k) * w, (labels == k) * w
+            out[f"tp_{k}"] = (is_pred * (labels == k)).sum()
+            out[f"fp_{k}"] = (is_pred * (labels != k)).sum()
+            out[f"fn_{k}"] = (is_label * (pred != k)).sum()
+        return out
+
+    def finalize(self, sums):
+        w = max(sums["weight"], 1e-9)
+        # like scikit-learn's macro F1: averaged over the classes present in labels or predictions
+        f1s = []
+        for k in range(self.num_labels):
+            tp, fp, fn = sums[f"tp_{k}"], sums[f"fp_{k}"], sums[f"fn_{k}"]
+            if tp + fp + fn > 0:
+                f1s.append(2 * tp / (2 * tp + fp + fn))
+        return {"loss": sums["loss_sum"] / w, "accuracy": sums["correct"] / w,
+                "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+
+
+def _classification(cfg: Config) -> Task:
+    if cfg.task.num_labels < 2:
+        raise ConfigError(f"task.num_labels must be at least 2 for classification, "
+                          f"got {cfg.task.num_labels}")
+    return Classification(cfg.task.num_labels)
+
+
 _TASKS: dict[str, Callable[[Config], Task]] = {"causal_lm": lambda cfg: CausalLM()}
 
 
@@ -74,3 +138,7 @@ def make_task(cfg: Config) -> Task:
     if cfg.task.name not in _TASKS:
         raise ConfigError(f"task.name: unknown task '{cfg.task.name}' (known: {', '.join(sorted(_TASKS))})")
     return _TASKS[cfg.task.name](cfg)
+
+
+register_task("masked_lm", lambda cfg: MaskedLM())
+register_task("classification", _classification)

@@ -1,0 +1,177 @@
+"""Text classification data: CSV/JSONL rows with a text and a label column -> padded examples.
+
+Labels may be strings (names sorted alphabetically become ids 0..K-1) or integers (used as ids).
+The names are stored in `<run.dir>/labels.json`, so a resumed run, `bigjax eval` and
+`bigjax predict` use the same mapping as training. Texts are deduplicated before the split, so no
+validation text is seen in training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from bigjax.config import Config
+from bigjax.data.mlm import bert_tokenizer, encode
+from bigjax.data.sources import RecordReader, files_for
+from bigjax.errors import DataError
+
+log = logging.getLogger("bigjax")
+
+LABELS_FILE = "labels.json"
+
+
+@dataclass(frozen=True)
+class Row:
+    text: str
+    label: Any  # as read: str or int
+    where: str  # "file: row N", for error messages
+
+
+def read_rows(cfg: Config, source: str, fields: Sequence[str]) -> tuple[list[dict], list[str], dict]:
+    """Rows of every file of `source` with the `data.on_bad_rows` policy; also each row's place
+    ("file: row N") and the counts of skipped rows by reason."""
+    rows, where, skipped = [], [], {}
+    for path in files_for(source):
+        reader = RecordReader(cfg.data.on_bad_rows, fields)
+        for row in reader.read(path):
+            rows.append(row)
+            # the reader counts kept and skipped rows, so their sum is this row's number
+            where.append(f"{path}: row {reader.stats.rows + reader.stats.skipped_total}")
+        for reason, n in reader.stats.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    return rows, where, skipped
+
+
+def _rows(cfg: Config, source: str) -> tuple[list[Row], dict]:
+    d = cfg.data
+    raw, where, skipped = read_rows(cfg, source, (d.text_field, d.label_field))
+    rows = []
+    for r, w in zip(raw, where):
+        label = r[d.label_field]
+        if isinstance(label, str):
+            label = label.strip()
+        if label is None or label == "" or isinstance(label, (bool, float, list, dict)):
+            raise DataError(f"{w}: label {label!r} in '{d.label_field}' (data.label_field) is not "
+                            "a class name or an integer class id")
+        rows.append(Row(str(r[d.text_field]), label, w))
+    return rows, skipped
+
+
+def _dedupe(rows: list[Row]) -> tuple[list[Row], int]:
+    seen: dict[str, Row] = {}
+    for r in rows:
+        seen.setdefault(r.text, r)  # the first occurrence wins
+    return list(seen.values()), len(rows) - len(seen)
+
+
+def _is_int(label: Any) -> bool:
+    return isinstance(label, int) or (isinstance(label, str) and label.isdigit())
+
+
+def label_names(labels: Sequence[Any]) -> list[str]:
+    """Names of class ids 0..K-1: integer labels name themselves; strings sort alphabetically."""
+    if all(_is_int(x) for x in labels):
+        return [str(i) for i in range(max(int(x) for x in labels) + 1)]
+    return sorted({str(x) for x in labels})
+
+
+def load_label_names(run_dir: str) -> list[str] | None:
+    path = os.path.join(run_dir, LABELS_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as fh:
+        names = json.load(fh).get("names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise DataError(f"{path}: expected {{\"names\": [label, ...]}}")
+    return names
+
+
+def save_label_names(run_dir: str, names: list[str]) -> None:
+    path = os.path.join(run_dir, LABELS_FILE)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"names": names}, fh, indent=1)
+    os.replace(tmp, path)
+
+
+def label_ids(rows: Sequence[Row], names: list[str], what: str) -> np.ndarray:
+    index = {n: i for i, n in enumerate(names)}
+    integer_ids = names == [str(i) for i in range(len(names))]
+    out = np.empty(len(rows), np.int32)
+    for j, r in enumerate(rows):
+        # integer ids given as 3 or "3" are the same class; string names match exactly
+        key = str(int(r.label)) if _is_int(r.label) and integer_ids else str(r.label)
+        if key not in index:
+            raise DataError(f"{r.where}: label {r.label!r} does not occur in {what} "
+                            f"(known labels: {', '.join(names)})")
+        out[j] = index[key]
+    return out
+
+
+class ArrayExamples:
+    """Random-access examples from equal-length arrays (a grain MapDataset source)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        self.arrays = arrays
+        self.n = len(next(iter(arrays.values())))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return {k: v[int(i)] for k, v in self.arrays.items()}
+
+
+def examples(tok, rows: Sequence[Row], ids: np.ndarray, seq_len: int) -> ArrayExamples:
+    arrays = encode(tok, [r.text for r in rows], seq_len)
+    return ArrayExamples({**arrays, "labels": ids, "weights": np.ones(len(rows), np.float32)})
+
+
+def build_classification_data(cfg: Config, run_dir: str):
+    """Train and eval sources for `task.name: classification`; sets `task.num_labels` when 0."""
+    from bigjax.data.pipeline import Data, split_docs
+
+    d = cfg.data
+    rows, skipped = _rows(cfg, d.source)
+    rows, duplicates = _dedupe(rows)
+    if d.eval_split:
+        train_rows = rows
+        val_rows, val_skipped = _rows(cfg, d.eval_split)
+        train_texts = {r.text for r in train_rows}
+        val_rows = [r for r in _dedupe(val_rows)[0] if r.text not in train_texts]
+        for reason, n in val_skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+    else:
+        train_rows, val_rows = split_docs(rows, d.val_fraction, cfg.seed)
+    if not train_rows or not val_rows:
+        raise DataError(f"{len(train_rows)} training and {len(val_rows)} validation rows; both "
+                        "need at least one (data.val_fraction or data.eval_split)")
+    saved = load_label_names(run_dir)
+    names = saved or label_names([r.label for r in train_rows])
+    train_ids = label_ids(train_rows, names, f"the run's {LABELS_FILE}" if saved else "the training data")
+    val_ids = label_ids(val_rows, names, "the training data")
+    if cfg.task.num_labels == 0:
+        cfg.task.num_labels = len(names)  # before the model is built: it sizes the classifier
+    elif cfg.task.num_labels < len(names):
+        raise DataError(f"task.num_labels={cfg.task.num_labels} but the data has {len(names)} "
+                        f"labels ({', '.join(names)}); set task.num_labels={len(names)} or 0")
+    tok = bert_tokenizer(cfg, [r.text for r in train_rows], run_dir)
+    if saved is None:
+        save_label_names(run_dir, names)
+    train = examples(tok, train_rows, train_ids, cfg.train.seq_len)
+    val = examples(tok, val_rows, val_ids, cfg.train.seq_len)
+    info = {"train_rows": len(train_rows), "eval_rows": len(val_rows),
+            "duplicates_removed": duplicates, "rows_skipped": sum(skipped.values()),
+            "skipped_by_reason": skipped, "label_names": names,
+            "train_label_counts": np.bincount(train_ids, minlength=len(names)).tolist()}
+    msg = (f"classification data: {len(train_rows)} training and {len(val_rows)} validation rows, "
+           f"{duplicates} duplicate texts removed, {sum(skipped.values())} rows skipped "
+           f"{skipped or ''}, labels {names}")
+    log.warning(msg) if skipped else log.info(msg)
+    return Data(train=train, eval=val, tokenizer=tok, info=info)
