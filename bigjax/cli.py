@@ -19,6 +19,15 @@ Overrides are key.sub=value pairs, checked against the config schema (README: "C
 Running the same command again with the same run.dir resumes from its latest checkpoint.
 """
 
+CONVERT_HELP = """\
+Convert weights between Hugging Face format and bigjax run dirs (no PyTorch needed).
+
+  bigjax convert hf-to-bigjax path/to/hf_model runs/imported   # then init.from=runs/imported
+  bigjax convert bigjax-to-hf runs/my_run exported/             # AutoModel.from_pretrained loads it
+
+Reads and writes config.json + model.safetensors (BERT, GPT-2, LLaMA-style) and tokenizer files.
+"""
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigjax", description="JAX/Flax training for large models.")
@@ -27,19 +36,139 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     tr.add_argument("config", help="YAML config file")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ev = sub.add_parser("eval", help="metrics of a run on its whole validation split",
+                        description="Restore RUN_DIR's latest checkpoint and print its metrics "
+                        "on the whole validation split.\n\n  bigjax eval runs/minilm_sentiment",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
+    ev.add_argument("overrides", nargs="*",
+                    help="key.sub=value overrides, e.g. data.eval_split=other.csv")
+    pr = sub.add_parser("predict", help="label and probability of each text (classification)",
+                        description="Print one line per text: label, probability, text.\n\n"
+                        "  bigjax predict runs/minilm_sentiment \"I love this movie!\" "
+                        "\"What a waste of time.\"",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr.add_argument("run_dir", help="run directory of a classification run")
+    pr.add_argument("texts", nargs="+", help="texts to classify")
+    ck = sub.add_parser("checkpoints", help="list the checkpoints of a run",
+                        description="List a run's checkpoints: step, commit time, size, the "
+                                    "metrics saved with it, complete or not.")
+    ck.add_argument("run_dir", help="run directory (holds checkpoints/)")
+    cv = sub.add_parser("convert", help="Hugging Face weights <-> bigjax run dirs",
+                        description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cv.add_argument("direction", choices=["hf-to-bigjax", "bigjax-to-hf"])
+    cv.add_argument("src", help="HF model dir (config.json + model.safetensors) or bigjax run dir")
+    cv.add_argument("out", help="new output directory")
+    _data_parsers(sub)
     return p
+
+
+def _data_parsers(sub) -> None:
+    da = sub.add_parser("data", help="inspect the input pipeline of a config")
+    da_sub = da.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    ins = da_sub.add_parser("inspect", help="first examples after each transform, and throughput",
+                            description="Print the first examples after every transform (decoded "
+                            "back to text), tokens per example, and the loader's examples/s and "
+                            "tokens/s.\n\n  bigjax data inspect configs/gpt_tiny.yaml -n 2",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    ins.add_argument("config", help="YAML config file")
+    ins.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    ins.add_argument("-n", "--examples", type=int, default=3, help="examples to show per stage")
+    ins.add_argument("--seconds", type=float, default=2.0, help="how long to measure throughput")
+    to = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
+    to_sub = to.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
+    tt = to_sub.add_parser("train", help="train a byte-level BPE on text files",
+                           description="Train a byte-level BPE (GPT-2 style) on .txt/.jsonl/.csv/"
+                           ".parquet files; the output loads with AutoTokenizer.from_pretrained and "
+                           "as data.tokenizer.\n\n  bigjax tokenizer train --files 'corpus/*.txt' "
+                           "--vocab-size 8000 --out tok/",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    tt.add_argument("--files", nargs="+", required=True, help="files or globs")
+    tt.add_argument("--vocab-size", type=int, required=True, help="at least 258")
+    tt.add_argument("--out", required=True, help="new output directory")
+    tt.add_argument("--text-field", default="text", help="field of JSONL/CSV/Parquet rows")
+    tt.add_argument("--on-bad-rows", choices=["skip", "error"], default="skip")
 
 
 def _train(args) -> int:
     from bigjax.trainer import Trainer
     trainer = Trainer(args.config, args.overrides)
     metrics = trainer.train()
+    if trainer.preempted:
+        # 128 + signal, as if the signal had ended the process: `bigjax train ... && next` stops
+        return 128 + (trainer.stop_signal or 15)
     if metrics:
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     return 0
 
 
-COMMANDS = {"train": _train}
+def _checkpoints(args) -> int:
+    from bigjax.checkpoint import format_checkpoints, list_checkpoints
+    infos = list_checkpoints(args.run_dir)
+    print(format_checkpoints(infos) if infos else f"no checkpoints in {args.run_dir}", flush=True)
+    return 0
+
+
+def _eval(args) -> int:
+    from bigjax.trainer import Trainer
+    # the whole split, whatever the run's in-training train.eval_batches was
+    trainer = Trainer.from_run(args.run_dir, ["train.eval_batches=0", *args.overrides])
+    metrics = trainer.evaluate()
+    print(f"step {int(trainer.state.step)}: " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+          flush=True)
+    return 0
+
+
+def _predict(args) -> int:
+    from bigjax.predict import format_predictions
+    from bigjax.trainer import Trainer
+    trainer = Trainer.from_run(args.run_dir)
+    for line in format_predictions(args.texts, trainer.predict(args.texts)):
+        print(line, flush=True)
+    return 0
+
+
+def _convert(args) -> int:
+    from bigjax.hf import convert
+    if args.direction == "hf-to-bigjax":
+        cfg = convert.hf_to_bigjax(args.src, args.out)
+        print(f"wrote run dir {args.out} (model {cfg.model.name}, task {cfg.task.name}); "
+              f"use it with init.from={args.out}", flush=True)
+    else:
+        cfg = convert.bigjax_to_hf(args.src, args.out)
+        print(f"wrote {args.out}/config.json and model.safetensors ({cfg.model.name}, "
+              f"task {cfg.task.name})", flush=True)
+    return 0
+
+
+def _data(args) -> int:
+    import tempfile
+
+    from bigjax.config import load_config
+    from bigjax.data.inspect import inspect
+    cfg = load_config(args.config, args.overrides)
+    if cfg.data.tokenizer or os.path.isdir(os.path.join(cfg.run.dir, "tokenizer")):
+        print(inspect(cfg, cfg.run.dir, args.examples, args.seconds), flush=True)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:  # inspecting never writes into a run dir
+        print(inspect(cfg, tmp, args.examples, args.seconds), flush=True)
+    return 0
+
+
+def _tokenizer(args) -> int:
+    from bigjax.data.sources import RecordReader, files_for
+    from bigjax.data.tokenizer import train_bpe
+    reader = RecordReader(args.on_bad_rows, (args.text_field,))
+    paths = [p for pattern in args.files for p in files_for(pattern)]
+    texts = [str(row[args.text_field]) for p in paths for row in reader.read(p)]
+    tok = train_bpe(texts, args.vocab_size, args.out)
+    print(f"wrote {args.out}: {len(tok)} tokens, trained on {len(paths)} files "
+          f"({reader.stats.summary()})", flush=True)
+    return 0
+
+
+COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints, "eval": _eval, "predict": _predict,
+            "convert": _convert}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -230,7 +230,7 @@ def tfds_records(spec: str, split: str, data_dir: str = "",
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
-        known = tfds.list_builders(with_community_datasets=False)
+        known = sorted(set(tfds.list_builders(with_community_datasets=False)))  # has duplicates
         close = difflib.get_close_matches(name.split("/")[0], known, n=5, cutoff=0.6)
         hint = f"close names: {', '.join(close)}" if close else "see tfds.list_builders()"
         raise DataError(f"data.source: unknown tensorflow-datasets name '{name}' ({hint})")

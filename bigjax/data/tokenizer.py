@@ -7,18 +7,26 @@ it like any other and it travels with the run (and with a Hugging Face export).
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from typing import Iterable
 
 from bigjax.errors import DataError
 
 EOS, PAD = "<|endoftext|>", "<pad>"
+MIN_VOCAB = 258
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str):
-    """Train a byte-level BPE tokenizer (GPT-2 style) and save it under `out_dir`."""
+    """Train a byte-level BPE tokenizer (GPT-2 style) and save it under `out_dir` (a new dir)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"vocab size {vocab_size} is below the {MIN_VOCAB} that a byte-level BPE "
+                        "needs (256 bytes + 2 special tokens)")
+    if os.path.exists(out_dir):
+        raise DataError(f"tokenizer output '{out_dir}' already exists; choose a new directory")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -28,9 +36,15 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str):
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    bos_token=EOS, unk_token=None)
-    tmp = out_dir + ".tmp"
+    # write next to the target, then rename: a crash never leaves a half-written tokenizer
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
     fast.save_pretrained(tmp)
-    os.replace(tmp, out_dir) if not os.path.exists(out_dir) else None
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:  # another process on a shared disk got there first with the same tokenizer
+        shutil.rmtree(tmp, ignore_errors=True)
     return load_tokenizer(out_dir)
 
 

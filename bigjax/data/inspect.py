@@ -1,0 +1,85 @@
+"""`bigjax data inspect`: the first examples after each transform, and the pipeline's throughput.
+
+Stages: source records (raw text), tokenization (token ids per document), model examples (decoded
+back to text, with their token counts), then the loader's speed in examples/s and tokens/s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from bigjax.config import Config
+from bigjax.data.lm import PaddedDocs
+from bigjax.data.loader import TrainLoader
+from bigjax.data.pipeline import build_data, read_texts
+
+
+def _short(text: str, width: int) -> str:
+    text = repr(text)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def example_tokens(example: dict[str, np.ndarray], source: Any) -> int:
+    """Real (non-padding) tokens of one model example."""
+    if "attention_mask" in example:
+        return int(example["attention_mask"].sum())
+    if isinstance(source, PaddedDocs):
+        return int(example["weights"].sum())
+    return int(example["inputs"].shape[-1])  # packed windows hold no padding
+
+
+def _token_ids(example: dict[str, np.ndarray], n: int) -> np.ndarray:
+    ids = example["inputs"] if "inputs" in example else example["input_ids"]
+    return ids[:n]
+
+
+def measure_throughput(source: Any, batch: int, cfg: Config, seconds: float) -> dict[str, float]:
+    """Examples/s and tokens/s of the loader (one process, no device transfer) over `seconds`."""
+    loader = TrainLoader(source, batch, seed=cfg.seed, shuffle=cfg.data.shuffle, sharding=None,
+                         workers=cfg.data.workers, threads=cfg.data.threads)
+    next(loader)  # start-up (threads, worker processes) is not throughput
+    examples = tokens = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        b = next(loader)
+        examples += len(b["weights"])
+        if "attention_mask" in b:
+            tokens += int(b["attention_mask"].sum())
+        elif isinstance(source, PaddedDocs):
+            tokens += int(b["weights"].sum())
+        else:
+            tokens += int(np.prod(b["inputs"].shape))
+    dt = time.perf_counter() - t0
+    return {"examples_per_s": examples / dt, "tokens_per_s": tokens / dt, "seconds": dt}
+
+
+def inspect(cfg: Config, run_dir: str, n: int = 3, seconds: float = 2.0, width: int = 300) -> str:
+    lines: list[str] = []
+    out = lines.append
+    texts, stats = read_texts(cfg, "train")
+    out(f"== source: {cfg.data.source} ({stats.summary()})")
+    for i, t in enumerate(texts[:n]):
+        out(f"[{i}] {_short(t, width)}")
+    t0 = time.perf_counter()
+    data = build_data(cfg, run_dir)
+    build_s = time.perf_counter() - t0
+    tok = data.tokenizer
+    out(f"== tokenized ({type(tok).__name__}, {len(tok)} tokens in the vocabulary)")
+    for i, ids in enumerate(tok(texts[:n], add_special_tokens=False)["input_ids"]):
+        out(f"[{i}] {len(ids)} tokens: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
+    out(f"== examples: {len(data.train)} train, {len(data.eval)} eval "
+        f"(built in {build_s:.1f}s; {', '.join(f'{k}={v}' for k, v in data.info.items())})")
+    for i in range(min(n, len(data.train))):
+        ex = data.train[i]
+        k = example_tokens(ex, data.train)
+        keys = ", ".join(f"{name}{list(v.shape)}" for name, v in ex.items())
+        out(f"[{i}] {k} tokens, {float(ex['weights'].sum()):g} weighted ({keys})")
+        out(f"    {_short(tok.decode(_token_ids(ex, k)), width)}")
+    batch = min(cfg.train.batch_size, len(data.train))
+    speed = measure_throughput(data.train, batch, cfg, seconds)
+    out(f"== throughput (batch {batch}, workers={cfg.data.workers}, {speed['seconds']:.1f}s): "
+        f"{speed['examples_per_s']:.0f} examples/s, {speed['tokens_per_s']:.0f} tokens/s")
+    return "\n".join(lines)

@@ -1,0 +1,46 @@
+"""tensorflow-datasets sources, offline: mock_data for reading, real builders for the errors."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from bigjax.config import load_config
+from bigjax.data.pipeline import build_data
+from bigjax.data.sources import tfds_records
+from bigjax.errors import DataError
+
+
+def test_mocked_tfds_split_feeds_the_lm_pipeline(tmp_path):
+    with tfds.testing.mock_data(num_examples=40):
+        records = tfds_records("tfds:imdb_reviews", "train", "", ("text", "label"))
+        assert len(records) == 40
+        row = records[3]
+        assert isinstance(row["text"], str) and isinstance(row["label"], int)
+        cfg = load_config(None, ["data.source=tfds:imdb_reviews", "data.eval_split=test",
+                                 "data.vocab_size=300", "train.seq_len=8",
+                                 f"run.dir={tmp_path}"])
+        data = build_data(cfg, str(tmp_path))
+    # the whole train split, EOS-separated, is packed; the test split is the eval data
+    texts = [records[i]["text"] for i in range(40)]
+    ids = data.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    n_tokens = sum(len(x) + 1 for x in ids)
+    assert data.info["documents"] == 40 and data.info["eval_documents"] == 40
+    assert len(data.train) == (n_tokens - 1) // 8
+    assert data.tokenizer.decode(data.train[0]["inputs"]).startswith(texts[0][:5])
+
+
+def test_unknown_name_lists_close_names():
+    with pytest.raises(DataError) as e:
+        tfds_records("tfds:imdb_review", "train", "")
+    assert str(e.value) == ("data.source: unknown tensorflow-datasets name 'imdb_review' "
+                            "(close names: imdb_reviews)")
+
+
+def test_unprepared_dataset_says_how_to_prepare_it(tmp_path):
+    with pytest.raises(DataError) as e:
+        tfds_records("tfds:mnist", "train", str(tmp_path))
+    assert str(e.value) == (
+        f"data.source: tfds:mnist is not prepared in {tmp_path} and bigjax never downloads; "
+        f"on a machine with network run `tfds build mnist --data_dir {tmp_path} "
+        "--file_format array_record` (or the same with tfds.builder(...)."
+        "download_and_prepare(file_format='array_record')) and set data.dir")
