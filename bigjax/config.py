@@ -216,6 +216,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: got {value!r}, expected an integer")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: got {value!r}, expected a number")
         return float(value)
@@ -330,10 +335,6 @@ def validate(cfg: Config) -> None:
     if m.positions == "learned" and t.seq_len > m.max_seq_len:
         raise ConfigError(
             f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
-        )
-    if o.warmup_steps > t.steps:
-        raise ConfigError(
-            f"optimizer.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}"
         )
     for mesh_key in ("fsdp", "tensor", "dcn_data"):
         if getattr(cfg.mesh, mesh_key) < 1:
