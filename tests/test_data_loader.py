@@ -92,3 +92,20 @@ def test_eval_covers_the_split_once_per_process_with_weightless_padding():
     assert sorted(real) == list(range(11))
     pad_weights = np.concatenate([b["weights"][:, 0] for b in per_process[1]])
     assert pad_weights.tolist() == [1, 1, 1, 1, 1, 0]  # process 1 holds 5 rows, 1 pad row
+
+
+def test_resume_is_exact_with_a_worker_process():
+    # grain worker processes (data.workers) keep their own position; it must survive JSON too
+    from bigjax.data.lm import PackedWindows, TokenStream
+    src = PackedWindows(TokenStream.from_docs([list(range(i, i + 7)) for i in range(40)], 999), 4)
+
+    def make():
+        return TrainLoader(src, 4, seed=1, shuffle=True, sharding=None, workers=1)
+
+    whole = make()
+    reference = [next(whole)["inputs"].tolist() for _ in range(6)]
+    stopped = make()
+    assert [next(stopped)["inputs"].tolist() for _ in range(2)] == reference[:2]
+    resumed = make()
+    resumed.restore(json.loads(json.dumps(stopped.state())))
+    assert [next(resumed)["inputs"].tolist() for _ in range(4)] == reference[2:]

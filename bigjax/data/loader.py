@@ -23,6 +23,13 @@ def _local_batch(global_batch: int, process_count: int) -> int:
     return global_batch // process_count
 
 
+def _absl_flags_ready() -> None:
+    # grain's worker processes read absl flags; bigjax is no absl app, so take their defaults
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
 def to_global(local: Example, sharding: NamedSharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
@@ -56,6 +63,7 @@ class TrainLoader:
         opts = grain.ReadOptions(num_threads=threads) if threads else None
         it_ds = ds.to_iter_dataset(opts)
         if workers > 0:
+            _absl_flags_ready()
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
         self.sharding = sharding
         self._it = iter(it_ds)
