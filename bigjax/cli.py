@@ -97,7 +97,8 @@ def _train(args) -> int:
     if trainer.preempted:
         # 128 + signal, as if the signal had ended the process: `bigjax train ... && next` stops
         return 128 + (trainer.stop_signal or 15)
-    if metrics:
+    import jax
+    if metrics and jax.process_index() == 0:  # on a cluster only process 0 prints
         print(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
     return 0
 

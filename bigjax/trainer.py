@@ -57,6 +57,11 @@ class Trainer:
     def __init__(self, config: Config | str | os.PathLike | None = None,
                  overrides: list[str] | None = None):
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        if cfg.init.from_.startswith("hf:"):  # sizes come from the checkpoint's config.json
+            from bigjax.config import validate
+            from bigjax.hf import apply_hf_model_config
+            apply_hf_model_config(cfg, cfg.init.from_[3:])
+            validate(cfg)
         self.cfg = cfg
         from bigjax import distributed
         distributed.initialize(cfg.distributed)
@@ -85,6 +90,8 @@ class Trainer:
         self.checkpointer: Checkpointer | None = None
         self.state: TrainState | None = None
         self._stop_requested = False
+        self.stop_signal: int | None = None  # the signal that stopped train() early, if any
+        self.preempted = False
 
     def _check_batch(self) -> None:
         t = self.cfg.train
@@ -116,6 +123,9 @@ class Trainer:
         if policy != "never":
             target = abstract_with_shardings(self.abstract, self.shardings)
             restored = ckpt.restore_latest(target, to_dict(self.cfg)["model"])
+        from bigjax import distributed  # each process chose from its own view of the checkpoints
+        distributed.agree("resume_step", str(restored.step if restored else 0),
+                          self.cfg.distributed.timeout_s)
         if restored is not None:
             return restored.state, restored.data_state
         if policy == "must":
@@ -166,14 +176,15 @@ class Trainer:
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
         """(label name, probability) of the most likely class for each text."""
         from bigjax.data.classification import load_label_names
-        from bigjax.predict import make_probs_fn, predict_texts
+        from bigjax.predict import jit_probs, predict_texts, probs_fn
         if self.cfg.task.name != "classification":
             raise ConfigError(f"predict needs a classification run; this one has "
                               f"task.name={self.cfg.task.name}")
         state = self.init_state()
         if not hasattr(self, "_probs_fn"):
-            self._probs_fn = make_probs_fn(self.spec, self.shardings.params,
-                                           self.shardings.model_state, self.batch_sharding)
+            fn = with_activation_sharding(probs_fn(self.spec), self.mesh, self.cfg.sharding.rules)
+            self._probs_fn = jit_probs(fn, self.shardings.params, self.shardings.model_state,
+                                       self.batch_sharding)
         names = load_label_names(self.run_dir) or [str(i) for i in range(self.cfg.task.num_labels)]
         return predict_texts(self._probs_fn, state.params, state.model_state, self.data.tokenizer,
                              list(texts), names, seq_len=self.cfg.train.seq_len,
@@ -184,8 +195,23 @@ class Trainer:
     # ---- training ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         if self._stop_requested:
-            raise KeyboardInterrupt(f"second signal {signum}: aborting without a checkpoint")
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): aborted "
+                                    f"without a new checkpoint")
         self._stop_requested = True
+        self.stop_signal = signum
+        print(f"bigjax: {signal.Signals(signum).name} received: finishing this step, then saving "
+              f"a checkpoint (a second signal aborts at once)", flush=True)
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGTERM/SIGINT stop the loop after the current step with a checkpoint.
+
+        On several processes SIGTERM stays with JAX's preemption notifier, whose sync point
+        (`reached_preemption`) makes every process save the same step; SIGINT is forwarded to it.
+        """
+        if jax.process_count() == 1:
+            return {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        forward = lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM)
+        return {signal.SIGINT: signal.signal(signal.SIGINT, forward)}
 
     def train(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
@@ -212,7 +238,7 @@ class Trainer:
             report.log({"step": 0, **last})
             report.message(f"step 0: eval_loss {last['eval_loss']:.4f}")
 
-        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        handlers = self._install_signal_handlers()
         pending: tuple[int, Any] | None = None
         t_last, step_last = time.perf_counter(), start
         preempted = False
@@ -229,14 +255,17 @@ class Trainer:
                 if step % t.log_every == 0 or step == t.steps:
                     pending = (step, metrics)
                 self.state = state
-                if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+                evaluated = bool(t.eval_every and step % t.eval_every == 0 and step < t.steps)
+                if evaluated:
                     last = self.evaluate()
                     report.log({"step": step, **last})
                     report.message(f"step {step}: eval_loss {last['eval_loss']:.4f}")
                 every = cfg.checkpoint.every
-                if every and step % every == 0 and step < t.steps:
+                # keep_best ranks evaluated checkpoints, so every evaluation gets one
+                best = evaluated and cfg.checkpoint.keep_best_metric
+                if ((every and step % every == 0) or best) and step < t.steps:
                     self.checkpointer.save(step, state, loader.state(), self._meta(step),
-                                           metrics=last or None)
+                                           metrics=last if evaluated else None, force=True)
                 if self._stop_requested or self.checkpointer.reached_preemption(step):
                     preempted = step < t.steps
                     break
@@ -249,7 +278,7 @@ class Trainer:
                                f"eval_perplexity {last.get('eval_perplexity', float('nan')):.2f}")
             if step not in self.checkpointer.all_steps():
                 self.checkpointer.save(step, state, loader.state(), self._meta(step),
-                                       metrics=last or None, force=True)
+                                       metrics=None if preempted else last, force=True)
             self.checkpointer.wait()
             if preempted:
                 report.message(f"stopped by signal at step {step}; checkpoint complete in "

@@ -25,21 +25,47 @@ SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: model.
 MASKING_EPOCHS = 10
 
 
+def wordpiece_vocab(texts: Sequence[str], vocab_size: int) -> list[str]:
+    """A deterministic WordPiece vocabulary: the special tokens, every character (alone and as a
+    `##` continuation, most frequent first, at most half the vocabulary), then whole words by
+    frequency. (The `tokenizers` WordPiece trainer breaks frequency ties differently from run to
+    run, so two processes or two runs would get different token ids.)"""
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    chars: Counter = Counter()
+    for w, n in words.items():
+        chars[w[0]] += n
+        chars.update({"##" + c: n for c in w[1:]})
+    by_freq = lambda counter: [k for k, _ in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))]
+    vocab = SPECIALS + by_freq(chars)[:max(vocab_size // 2 - len(SPECIALS), 0)]
+    taken = set(vocab)
+    for w in by_freq(words):
+        if len(vocab) >= vocab_size:
+            break
+        if w not in taken:
+            vocab.append(w)
+            taken.add(w)
+    return vocab
+
+
 def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
-    """Train an uncased WordPiece tokenizer with BERT's special tokens; save it under `out_dir`."""
+    """An uncased WordPiece tokenizer with BERT's special tokens, saved under `out_dir`."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    vocab = wordpiece_vocab(texts, vocab_size)
+    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.BertProcessing(("[SEP]", tok.token_to_id("[SEP]")),
-                                                   ("[CLS]", tok.token_to_id("[CLS]")))
+    tok.post_processor = processors.BertProcessing(("[SEP]", vocab.index("[SEP]")),
+                                                   ("[CLS]", vocab.index("[CLS]")))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tmp = f"{out_dir}.tmp{os.getpid()}"
