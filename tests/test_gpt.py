@@ -1,0 +1,82 @@
+"""The GPT decoder: causality, packed documents isolated, GQA and rotary behave as specified."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from bigjax.config import load_config
+from bigjax.models import create_model
+
+BASE = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=4", "model.d_ff=48",
+        "model.n_layers=2", "model.max_seq_len=16", "train.seq_len=16"]
+
+
+def build(*overrides):
+    cfg = load_config(None, BASE + list(overrides))
+    with nnx.use_eager_sharding(False):
+        return create_model(cfg, nnx.Rngs(params=0))
+
+
+TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 12)), jnp.int32)
+
+
+@pytest.mark.parametrize("variant", [[], ["model.positions=rotary", "model.norm=rmsnorm",
+                                          "model.mlp=swiglu", "model.n_kv_heads=2",
+                                          "model.use_bias=false", "model.tie_embeddings=false"]])
+def test_future_tokens_do_not_change_past_logits(variant):
+    model = build(*variant)
+    changed = TOKENS.at[:, 8:].set((TOKENS[:, 8:] + 7) % 50)
+    a, b = model(TOKENS), model(changed)
+    np.testing.assert_allclose(a[:, :8], b[:, :8], atol=1e-6)
+    assert float(jnp.abs(a[:, 8:] - b[:, 8:]).max()) > 1e-3
+
+
+def test_packed_documents_do_not_see_each_other():
+    model = build("model.positions=rotary")
+    seg = jnp.asarray([[0] * 5 + [1] * 7] * 2)
+    pos = jnp.asarray([list(range(5)) + list(range(7))] * 2)
+    packed = model(TOKENS, segment_ids=seg, positions=pos)
+    alone = model(TOKENS[:, 5:])  # the second document on its own
+    np.testing.assert_allclose(packed[:, 5:], alone, atol=1e-5)
+
+
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads():
+    gqa = build("model.n_kv_heads=2", "model.use_bias=false")
+    mha = build("model.use_bias=false")
+    _, p_gqa, rest = nnx.split(gqa, nnx.Param, ...)
+    gd, p_mha, rest_m = nnx.split(mha, nnx.Param, ...)
+    p_gqa, p_mha = nnx.to_pure_dict(p_gqa), nnx.to_pure_dict(p_mha)
+    # MHA whose heads 2i and 2i+1 share key/value weights = GQA with 2 kv heads (groups of 2)
+    for i in range(2):
+        a = p_gqa[f"layer_{i}"]["attn"]
+        m = p_mha[f"layer_{i}"]["attn"]
+        for name in ("key", "value"):
+            m[name]["kernel"] = jnp.repeat(a[name]["kernel"], 2, axis=1)
+        for name in ("query", "out"):
+            m[name] = a[name]
+    for k in p_gqa:
+        if not k.startswith("layer_"):
+            p_mha[k] = p_gqa[k]
+        else:
+            for sub in ("attn_norm", "mlp_norm", "mlp"):
+                p_mha[k][sub] = p_gqa[k][sub]
+    np.testing.assert_allclose(nnx.merge(gd, p_mha, rest_m)(TOKENS), gqa(TOKENS), atol=1e-5)
+
+
+def test_rotary_attention_depends_on_relative_positions_only():
+    model = build("model.positions=rotary")
+    pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    np.testing.assert_allclose(model(TOKENS, positions=pos), model(TOKENS, positions=pos + 3),
+                               atol=1e-4)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_close_logits():
+    f32 = build()
+    bf16 = build("model.dtype=bfloat16")
+    _, params = nnx.split(bf16, nnx.Param)
+    assert {x.dtype for x in jax.tree.leaves(nnx.to_pure_dict(params))} == {jnp.dtype("float32")}
+    out = bf16(TOKENS)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, f32(TOKENS), atol=0.1)
