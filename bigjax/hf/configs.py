@@ -101,7 +101,7 @@ def hf_config_from_bigjax(cfg: Config, family: str) -> dict[str, Any]:
     m = cfg.model
     drop = m.dropout
     attn_drop = m.dropout if m.attention_dropout < 0 else m.attention_dropout
-    act = {v: k for k, v in reversed(list(_ACT.items()))}[m.mlp]
+    act = {v: k for k, v in reversed(list(_ACT.items()))}.get(m.mlp, "silu")
     if family == "bert":
         arch = {"masked_lm": "BertForMaskedLM",
                 "classification": "BertForSequenceClassification"}.get(cfg.task.name, "BertModel")

@@ -98,9 +98,9 @@ def run_params(run_dir: str, step: int | None = None) -> tuple[Config, dict]:
     if step is None:
         raise CheckpointError(f"'{run_dir}/checkpoints' holds no checkpoint")
     tx, abstract, shardings = _one_device_state(cfg)
-    state, _, _ = ckpt.restore(step, abstract_with_shardings(abstract, shardings))
+    restored = ckpt.restore(step, abstract_with_shardings(abstract, shardings))
     ckpt.close()
-    return cfg, jax.device_get(state.params)
+    return cfg, jax.device_get(restored.state.params)
 
 
 def bigjax_to_hf(run_dir: str, out: str) -> Config:

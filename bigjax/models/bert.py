@@ -57,17 +57,15 @@ class Bert(nnx.Module):
                                           std=cfg.init_std, rngs=rngs)
         # BertForMaskedLM has no pooler; BertModel and the classifier do
         self.pooler = dense(D, ("embed", None)) if head != "masked_lm" else None
-        self.classifier = self.mlm_dense = self.mlm_norm = self.mlm_bias = None
-        if head == "classification":
-            if num_labels < 1:
-                raise ConfigError("task.num_labels must be at least 1 for a classification head "
-                                  f"(got {num_labels}; 0 means: count the labels in the data)")
-            self.classifier = dense(num_labels, ("embed", None))
-        elif head == "masked_lm":
-            self.mlm_dense = dense(D, ("embed", None))
-            self.mlm_norm = Norm(D, "layernorm", cfg.norm_eps, True, dtype, rngs)
-            self.mlm_bias = nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32),
-                                      out_sharding=("vocab",))
+        if head == "classification" and num_labels < 1:
+            raise ConfigError("task.num_labels must be at least 1 for a classification head "
+                              f"(got {num_labels}; 0 means: count the labels in the data)")
+        self.classifier = dense(num_labels, ("embed", None)) if head == "classification" else None
+        mlm = head == "masked_lm"
+        self.mlm_dense = dense(D, ("embed", None)) if mlm else None
+        self.mlm_norm = Norm(D, "layernorm", cfg.norm_eps, True, dtype, rngs) if mlm else None
+        self.mlm_bias = (nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32), out_sharding=("vocab",))
+                         if mlm else None)
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def encode(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
