@@ -40,7 +40,9 @@ def measure_throughput(source: Any, batch: int, cfg: Config, seconds: float) -> 
     """Examples/s and tokens/s of the loader (one process, no device transfer) over `seconds`."""
     loader = TrainLoader(source, batch, seed=cfg.seed, shuffle=cfg.data.shuffle, sharding=None,
                          workers=cfg.data.workers, threads=cfg.data.threads)
-    next(loader)  # start-up (threads, worker processes) is not throughput
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds / 5:  # start-up (threads, workers) is not throughput
+        next(loader)
     examples = tokens = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
