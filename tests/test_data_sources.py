@@ -45,7 +45,7 @@ BAD_JSONL = (b'{"text": "ok 1"}\n'
 def test_bad_rows_are_skipped_and_counted(tmp_path):
     path = write(tmp_path / "d.jsonl", BAD_JSONL)
     reader = RecordReader("skip", ("text",))
-    assert [r["text"] for r in reader.read(path)] == ["ok 1", "ok 2"]
+    assert [(r["text"], reader.row) for r in reader.read(path)] == [("ok 1", 1), ("ok 2", 6)]
     assert reader.stats.rows == 2 and reader.stats.skipped_total == 4
     assert reader.stats.summary() == ("2 rows read, 4 skipped (1 missing field 'text', "
                                       "1 not a JSON object, 1 not valid JSON, 1 not valid UTF-8)")

@@ -1,6 +1,7 @@
 """tensorflow-datasets sources, offline: mock_data for reading, real builders for the errors."""
 
-import numpy as np
+import os
+
 import pytest
 import tensorflow_datasets as tfds
 
@@ -44,3 +45,20 @@ def test_unprepared_dataset_says_how_to_prepare_it(tmp_path):
         f"on a machine with network run `tfds build mnist --data_dir {tmp_path} "
         "--file_format array_record` (or the same with tfds.builder(...)."
         "download_and_prepare(file_format='array_record')) and set data.dir")
+
+
+def test_unknown_split_lists_the_prepared_splits(tmp_path):
+    # a prepared dataset's metadata (dataset_info.json) is what names its splits
+    builder = tfds.builder("imdb_reviews", data_dir=str(tmp_path))
+    template = tfds.core.ShardedFileTemplate(data_dir=builder.data_path, dataset_name="imdb_reviews",
+                                             split="train", filetype_suffix="array_record")
+    splits = [tfds.core.SplitInfo(name=n, shard_lengths=[3], num_bytes=10,
+                                  filename_template=template.replace(split=n))
+              for n in ("train", "test")]
+    builder.info.set_splits(tfds.core.SplitDict(splits))
+    os.makedirs(builder.data_path)
+    builder.info.write_to_directory(builder.data_path)
+    with pytest.raises(DataError) as e:
+        tfds_records("tfds:imdb_reviews", "validation", str(tmp_path))
+    assert str(e.value) == ("data.split: tfds:imdb_reviews has no split 'validation' "
+                            "(splits: test, train)")

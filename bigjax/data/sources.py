@@ -9,7 +9,8 @@ For other pipelines (classification, masked LM), the API is:
             ...
     log.info(reader.stats.summary())          # "1200 rows read, 3 skipped (2 invalid UTF-8, ...)"
 
-`fields` are the fields every row must have: a CSV/Parquet file without such a column is an error
+`reader.row` is the row number (in the file, as in its error messages) of the record last
+yielded. `fields` are the fields every row must have: a CSV/Parquet file without such a column is an error
 (naming the file and its columns); a JSONL row without one is a bad row. Bad rows (not valid UTF-8,
 not valid JSON, not a JSON object, a missing field) are skipped and counted with
 `on_bad_rows="skip"`, or raise a `DataError` naming the file and row with `"error"`. Missing and
@@ -77,6 +78,7 @@ class RecordReader:
             raise DataError(f"data.on_bad_rows: got {on_bad_rows!r}, expected 'skip' or 'error'")
         self.on_bad_rows, self.fields = on_bad_rows, tuple(fields)
         self.stats = ReadStats()
+        self.row = 0  # the file's row number of the record last yielded, for error messages
 
     def _bad(self, path: str, row: int, reason: str) -> None:
         if self.on_bad_rows == "error":
@@ -120,6 +122,7 @@ class RecordReader:
             if _has_surrogates(para):
                 self._bad(path, i, "not valid UTF-8 (paragraph)")
                 continue
+            self.row = i
             yield {self.fields[0] if self.fields else "text": para}
 
     def _jsonl(self, path: str) -> Iterator[dict]:
@@ -141,6 +144,7 @@ class RecordReader:
             if missing:
                 self._bad(path, i, f"missing field '{missing[0]}' (has: {', '.join(row)})")
                 continue
+            self.row = i
             yield row
 
     def _csv(self, path: str) -> Iterator[dict]:
@@ -155,6 +159,7 @@ class RecordReader:
                 if any(row.get(f) is None for f in self.fields):  # a short row
                     self._bad(path, i, f"too few columns ({len([v for v in row.values() if v is not None])})")
                     continue
+                self.row = i
                 yield row
 
     def _parquet(self, path: str) -> Iterator[dict]:
@@ -175,6 +180,7 @@ class RecordReader:
                 except UnicodeDecodeError:
                     self._bad(path, i, "not valid UTF-8")
                     continue
+                self.row = i
                 yield row
 
 
