@@ -1,0 +1,170 @@
+"""masked_lm and classification: masking statistics and determinism, losses against a direct
+computation, exact additive metrics (macro F1 equal to scikit-learn's)."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from sklearn.metrics import accuracy_score, f1_score
+
+from bigjax.config import load_config
+from bigjax.data.loader import TrainLoader
+from bigjax.data.mlm import MaskedExamples
+from bigjax.errors import ConfigError
+from bigjax.tasks import make_task
+
+VOCAB, PAD, CLS, SEP, MASK = 1000, 0, 2, 3, 4
+
+
+class FakeTokenizer:
+    """What MaskedExamples reads from a tokenizer: specials, the mask id and the size."""
+    mask_token_id = MASK
+    all_special_ids = [PAD, 1, CLS, SEP, MASK]
+
+    def __len__(self):
+        return VOCAB
+
+
+def sequences(n: int, T: int, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, T + 1, n)
+    ids = rng.integers(5, VOCAB, (n, T)).astype(np.int32)
+    ids[:, 0] = CLS
+    ids[np.arange(n), lengths - 1] = SEP
+    attn = (np.arange(T)[None] < lengths[:, None]).astype(np.int32)
+    ids[attn == 0] = PAD
+    return {"input_ids": ids, "attention_mask": attn, "token_type_ids": np.zeros_like(ids)}
+
+
+@pytest.fixture(scope="module")
+def masked():
+    arrays = sequences(3000, 48)
+    return arrays, MaskedExamples(arrays, FakeTokenizer(), seed=7, probability=0.15, epochs=3)
+
+
+def test_masking_statistics(masked):
+    arrays, ds = masked
+    ex = [ds[i] for i in range(len(arrays["input_ids"]))]  # epoch 0: every example once
+    ids, attn = arrays["input_ids"], arrays["attention_mask"]
+    sel = np.stack([e["weights"] for e in ex]) > 0
+    new = np.stack([e["input_ids"] for e in ex])
+    maskable = (attn > 0) & (ids > MASK)
+    assert not sel[~maskable].any()  # never padding, [CLS], [SEP]
+    assert (new[~sel] == ids[~sel]).all()  # unselected positions are untouched
+    assert np.array_equal(np.stack([e["targets"] for e in ex]), ids)
+    n_sel = sel.sum()
+    assert abs(n_sel / maskable.sum() - 0.15) < 0.005  # ~85k maskable tokens
+    to_mask = (new[sel] == MASK).mean()
+    kept = (new[sel] == ids[sel]).mean()
+    randomized = 1 - to_mask - kept
+    assert abs(to_mask - 0.8) < 0.01 and abs(kept - 0.1) < 0.01 and abs(randomized - 0.1) < 0.01
+    # random replacements are ordinary tokens, never specials
+    assert (new[sel & (new != MASK)] > MASK).all()
+
+
+def test_masking_is_a_function_of_seed_epoch_and_index(masked):
+    arrays, ds = masked
+    n = len(arrays["input_ids"])
+    again = MaskedExamples(arrays, FakeTokenizer(), seed=7, probability=0.15, epochs=3)
+    other_seed = MaskedExamples(arrays, FakeTokenizer(), seed=8, probability=0.15, epochs=3)
+    picks = [0, 5, n + 5, 2 * n + 17]
+    for k in picks:
+        assert all(np.array_equal(ds[k][f], again[k][f]) for f in ds[k])
+    assert len(ds) == 3 * n
+    weights = lambda d, ks: np.stack([d[k]["weights"] for k in ks])
+    first = range(50)
+    assert not np.array_equal(weights(ds, first), weights(other_seed, first))
+    # the same examples in another epoch are masked differently, with the same targets
+    assert not np.array_equal(weights(ds, first), weights(ds, [n + i for i in first]))
+    assert np.array_equal(ds[5]["targets"], ds[n + 5]["targets"])
+
+
+def test_masked_batches_resume_exactly(masked):
+    _, ds = masked
+    first = TrainLoader(ds, 8, seed=1, shuffle=True, sharding=None)
+    for _ in range(3):
+        next(first)
+    state = first.state()
+    expected = [next(first) for _ in range(2)]
+    resumed = TrainLoader(ds, 8, seed=1, shuffle=True, sharding=None)
+    resumed.restore(state)
+    for want in expected:
+        got = next(resumed)
+        assert all(np.array_equal(got[k], want[k]) for k in want)
+
+
+def logits_model(logits):
+    """A 'model' with the BERT call signature that returns fixed logits."""
+    def model(input_ids, *, token_type_ids=None, attention_mask=None, rngs=None):
+        return logits
+    return model
+
+
+def test_masked_lm_loss_covers_selected_positions_only():
+    rng = np.random.default_rng(0)
+    B, T, V = 4, 6, 11
+    logits = jnp.asarray(rng.normal(size=(B, T, V)), jnp.float32)
+    targets = rng.integers(0, V, (B, T)).astype(np.int32)
+    weights = (rng.random((B, T)) < 0.3).astype(np.float32)
+    task = make_task(load_config(None, ["task.name=masked_lm"]))
+    batch = {"input_ids": targets, "attention_mask": np.ones((B, T)), "targets": targets,
+             "weights": weights}
+    stats = task.stats(logits_model(logits), batch, None)
+    per_token = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    want = per_token[weights > 0].mean()
+    metrics = task.finalize({k: float(v) for k, v in stats.items()})
+    assert metrics["loss"] == pytest.approx(want, rel=1e-6)
+    assert float(stats["weight"]) == weights.sum()
+
+
+def test_classification_metrics_are_additive_and_match_sklearn():
+    rng = np.random.default_rng(1)
+    B, K = 40, 3
+    logits = rng.normal(size=(B, K)).astype(np.float32)
+    labels = rng.integers(0, K, B).astype(np.int32)
+    labels[:4] = 2  # make sure class 2 has support
+    weights = np.ones(B, np.float32)
+    weights[-6:] = 0  # eval padding rows: must not count
+    task = make_task(load_config(None, ["task.name=classification", "task.num_labels=3"]))
+
+    def stats(rows):
+        batch = {"input_ids": np.zeros((len(rows), 4), np.int32),
+                 "attention_mask": np.ones((len(rows), 4)), "labels": labels[rows],
+                 "weights": weights[rows]}
+        return {k: float(v) for k, v in task.stats(logits_model(jnp.asarray(logits[rows])),
+                                                   batch, None).items()}
+
+    whole = stats(np.arange(B))
+    a, b = stats(np.arange(0, 17)), stats(np.arange(17, B))
+    summed = {k: a[k] + b[k] for k in a}
+    assert summed.keys() == whole.keys()
+    for k in whole:
+        assert summed[k] == pytest.approx(whole[k], rel=1e-6), k
+    m = task.finalize(summed)
+    real = slice(0, B - 6)
+    pred = logits.argmax(-1)
+    assert m["accuracy"] == pytest.approx(accuracy_score(labels[real], pred[real]), abs=1e-7)
+    assert m["macro_f1"] == pytest.approx(f1_score(labels[real], pred[real], average="macro"),
+                                          abs=1e-7)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[real], labels[real])
+    assert m["loss"] == pytest.approx(float(ce.mean()), rel=1e-6)
+
+
+def test_classification_macro_f1_skips_classes_absent_from_labels_and_predictions():
+    task = make_task(load_config(None, ["task.name=classification", "task.num_labels=4"]))
+    # classes 0 and 1 only; 2 and 3 never occur: F1 = mean(F1_0, F1_1) as in scikit-learn
+    labels, pred = np.array([0, 0, 1, 1, 1]), np.array([0, 1, 1, 1, 0])
+    sums = {"loss_sum": 1.0, "weight": 5.0, "correct": 3.0}
+    for k in range(4):
+        sums |= {f"tp_{k}": float(((pred == k) & (labels == k)).sum()),
+                 f"fp_{k}": float(((pred == k) & (labels != k)).sum()),
+                 f"fn_{k}": float(((pred != k) & (labels == k)).sum())}
+    assert task.finalize(sums)["macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+
+
+def test_classification_needs_two_labels():
+    with pytest.raises(ConfigError) as e:
+        make_task(load_config(None, ["task.name=classification", "task.num_labels=1"]))
+    assert str(e.value) == "task.num_labels must be at least 2 for classification, got 1"
