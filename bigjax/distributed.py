@@ -1,25 +1,212 @@
-"""Joins JAX's distributed runtime when this process is one of several; a no-op for one process."""
+"""Joins JAX's distributed runtime when this process is one of several; a no-op for one process.
+
+Each of the three values (coordinator address, process count, this process's id) is taken from the
+first place that has it: the `distributed.*` config keys, the BIGJAX_COORDINATOR /
+BIGJAX_NUM_PROCESSES / BIGJAX_PROCESS_ID variables, then the cluster's own variables (SLURM under
+srun, a Kubernetes JobSet). TPU pod VMs (`distributed.coordinator: auto`, or TPU_WORKER_HOSTNAMES
+listing several hosts) are left to JAX's own detection. Faults are bounded by
+`distributed.timeout_s`: JAX's heartbeat ends every process when one dies, and a watchdog ends a
+process whose peers never join, each with a message instead of a hang.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Mapping
 
 import jax
 
 from bigjax.config import DistributedConfig
+from bigjax.errors import BigjaxError
 
-_initialized = False
+DEFAULT_PORT = 8476  # coordinator port when a cluster gives a host but no port
+AUTO = "auto"  # distributed.coordinator value: let JAX detect the cluster (TPU pod VMs)
 
 
-def initialize(cfg: DistributedConfig) -> None:
-    global _initialized
-    if _initialized:
+class DistributedError(BigjaxError):
+    pass
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process stands; None values are left for JAX's detection (TPU pods)."""
+
+    coordinator: str | None
+    num_processes: int | None
+    process_id: int | None
+    source: str  # for messages: which config keys or variables said so
+    local_device_ids: tuple[int, ...] | None = None
+
+
+def _env_int(env: Mapping[str, str], key: str) -> int | None:
+    raw = env.get(key, "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise DistributedError(f"environment variable {key}={raw!r} is not an integer")
+
+
+def _port(env: Mapping[str, str]) -> int:
+    return _env_int(env, "BIGJAX_COORDINATOR_PORT") or _env_int(env, "JAX_COORDINATOR_PORT") \
+        or DEFAULT_PORT
+
+
+def _slurm(env: Mapping[str, str]) -> Cluster | None:
+    """A task of `srun` with several tasks; the coordinator is the step's first node."""
+    count = _env_int(env, "SLURM_STEP_NUM_TASKS") or _env_int(env, "SLURM_NTASKS")
+    if not env.get("SLURM_STEP_NODELIST") or count is None or count < 2:
+        return None  # outside srun (e.g. the batch script itself) a task is one process
+    from jax._src.clusters.slurm_cluster import SlurmCluster  # JAX's parser of SLURM node lists
+
+    host = SlurmCluster.get_coordinator_address(None, None).rsplit(":", 1)[0]
+    nodes = _env_int(env, "SLURM_STEP_NUM_NODES") or _env_int(env, "SLURM_NNODES") or 1
+    local_id = _env_int(env, "SLURM_LOCALID")
+    # Several tasks per node means one task per GPU; one task per node sees all its GPUs
+    # (JAX's own SLURM detection always pins one device per task).
+    local = (local_id,) if count > nodes and local_id is not None else None
+    return Cluster(f"{host}:{_port(env)}", count, _env_int(env, "SLURM_PROCID"),
+                   "SLURM variables", local)
+
+
+def _jobset(env: Mapping[str, str]) -> Cluster | None:
+    """A pod of an Indexed Job in a JobSet; pod 0 of job 0 hosts the coordinator.
+
+    JobSet pods are reachable as <jobset>-<replicated job>-<job index>-<pod index>.<subdomain>,
+    the subdomain being the JobSet's headless service (by default named like the JobSet).
+    """
+    name, index = env.get("JOBSET_NAME", ""), _env_int(env, "JOB_COMPLETION_INDEX")
+    if not name or index is None:
+        return None
+    job = env.get("REPLICATED_JOB_NAME", "workers")
+    subdomain = env.get("JOBSET_SUBDOMAIN", "") or name
+    return Cluster(f"{name}-{job}-0-0.{subdomain}:{_port(env)}", None, index, "JobSet variables")
+
+
+def _tpu_pod(cfg: DistributedConfig, env: Mapping[str, str]) -> bool:
+    hosts = env.get("TPU_WORKER_HOSTNAMES", "") or env.get("TPU_PROCESS_ADDRESSES", "")
+    return (cfg.coordinator or env.get("BIGJAX_COORDINATOR", "")) == AUTO or "," in hosts \
+        or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+
+
+def detect(cfg: DistributedConfig) -> Cluster | None:
+    """The cluster this process belongs to (from cfg and os.environ), or None when it runs alone."""
+    env = os.environ
+    if _tpu_pod(cfg, env):
+        return Cluster(None, cfg.num_processes or None,
+                       cfg.process_id if cfg.process_id >= 0 else None, "TPU pod (JAX detects)")
+    coordinator = cfg.coordinator or env.get("BIGJAX_COORDINATOR", "")
+    num = cfg.num_processes or _env_int(env, "BIGJAX_NUM_PROCESSES")
+    pid = cfg.process_id if cfg.process_id >= 0 else _env_int(env, "BIGJAX_PROCESS_ID")
+    explicit = [k for k, v in (("coordinator", coordinator), ("num_processes", num),
+                               ("process_id", pid)) if v not in ("", None)]
+    found = _slurm(env) or _jobset(env)
+    source = found.source if found else "distributed.* config keys or BIGJAX_* variables"
+    if found:
+        coordinator = coordinator or found.coordinator
+        num = num or found.num_processes
+        pid = pid if pid is not None else found.process_id
+    elif not explicit:
+        return None
+    if num == 1 and pid in (None, 0):
+        return None
+    missing = [k for k, v in (("coordinator", coordinator), ("num_processes", num),
+                              ("process_id", pid)) if v in ("", None)]
+    if missing:
+        env_name = {"coordinator": "BIGJAX_COORDINATOR", "num_processes": "BIGJAX_NUM_PROCESSES",
+                    "process_id": "BIGJAX_PROCESS_ID"}
+        raise DistributedError(
+            f"distributed: {source} give {', '.join(explicit) or 'part of the setup'} but not "
+            + ", ".join(f"{k} (set distributed.{k} or {env_name[k]})" for k in missing))
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"distributed.coordinator={coordinator!r} is not host:port "
+                               "(e.g. 10.0.0.1:8476)")
+    if num < 1 or not 0 <= pid < num:
+        raise DistributedError(f"distributed: process_id={pid} is outside 0..num_processes-1 "
+                               f"(num_processes={num}, from {source})")
+    return Cluster(coordinator, num, pid, source, found.local_device_ids if found else None)
+
+
+class _JoinWatchdog:
+    """Ends the process with one clear line if the peers have not all joined in time.
+
+    JAX's own join timeout aborts with a C++ stack trace; this fires a few seconds earlier.
+    """
+
+    def __init__(self, cluster: Cluster, timeout_s: int):
+        self._done = threading.Event()
+        self._cluster, self._timeout_s = cluster, timeout_s
+        threading.Thread(target=self._watch, name="bigjax-join-watchdog", daemon=True).start()
+
+    def _watch(self) -> None:
+        if self._done.wait(self._timeout_s):
+            return
+        c = self._cluster
+        print(f"bigjax: error: distributed: process {c.process_id} of {c.num_processes} waited "
+              f"distributed.timeout_s={self._timeout_s} s for all processes to join the "
+              f"coordinator at {c.coordinator or 'the detected address'} ({c.source}); check that "
+              "every process was started and can reach that address", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    def cancel(self) -> None:
+        self._done.set()
+
+
+def initialize(cfg: DistributedConfig) -> Cluster | None:
+    """Join the runtime (before any JAX computation). Returns the cluster, None for one process."""
+    cluster = detect(cfg)
+    if cluster is None or jax.distributed.is_initialized():
+        return cluster
+    watchdog = _JoinWatchdog(cluster, cfg.timeout_s)
+    try:
+        jax.distributed.initialize(
+            cluster.coordinator, num_processes=cluster.num_processes,
+            process_id=cluster.process_id,
+            local_device_ids=list(cluster.local_device_ids) if cluster.local_device_ids else None,
+            # we resolved everything ourselves; JAX's detection would pin one GPU per SLURM task
+            cluster_detection_method=None if cluster.coordinator is None else "deactivate",
+            initialization_timeout=cfg.timeout_s + 10,  # the watchdog speaks first
+            heartbeat_timeout_seconds=cfg.timeout_s,  # a dead peer ends everyone this fast
+            shutdown_timeout_seconds=cfg.timeout_s)
+    except (RuntimeError, ValueError) as e:
+        raise DistributedError(f"distributed: cannot join the runtime ({cluster.source}): "
+                               f"{str(e).strip().splitlines()[0][:300]}")
+    finally:
+        watchdog.cancel()
+    return cluster
+
+
+def _client():
+    from jax._src import distributed as jax_distributed  # orbax reaches the client the same way
+    return jax_distributed.global_state.client
+
+
+def barrier(name: str, timeout_s: int) -> None:
+    """Every process waits here until all have arrived; a no-op for one process."""
+    if jax.process_count() == 1:
         return
-    coordinator = cfg.coordinator or os.environ.get("BIGJAX_COORDINATOR", "")
-    num = cfg.num_processes or int(os.environ.get("BIGJAX_NUM_PROCESSES", "0") or 0)
-    pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("BIGJAX_PROCESS_ID", "-1"))
-    if not coordinator or num <= 1:
-        return
-    jax.distributed.initialize(coordinator, num_processes=num, process_id=pid,
-                               initialization_timeout=cfg.timeout_s)
-    _initialized = True
+    _client().wait_at_barrier(f"bigjax/{name}", timeout_s * 1000)
+
+
+def agree(name: str, value: str, timeout_s: int) -> str:
+    """Process 0's `value` on every process; another process with a different view raises.
+
+    Used where each process decides from its own view of shared storage (the resume step).
+    """
+    if jax.process_count() == 1:
+        return value
+    key = f"bigjax/agree/{name}"
+    if jax.process_index() == 0:
+        _client().key_value_set(key, value)
+        return value
+    theirs = _client().blocking_key_value_get(key, timeout_s * 1000)
+    if theirs != value:
+        raise DistributedError(
+            f"distributed: process {jax.process_index()} sees {name}={value} but process 0 sees "
+            f"{theirs}; all processes must share run.dir on the same storage")
+    return theirs

@@ -30,8 +30,8 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
             raise ConfigError(
                 f"mesh: fsdp*tensor*dcn_data = {fixed} does not divide the {n_devices} devices"
             )
-        data = n_devices // fixed
-    else:
+        data = n_devices // fixed * cfg.dcn_data  # the data axis spans all hosts/slices
+    else:  # mesh.data counts the data parallelism inside one host or slice
         data *= cfg.dcn_data
     if data * cfg.fsdp * cfg.tensor != n_devices:
         raise ConfigError(
@@ -46,17 +46,32 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices))
     auto = (jax.sharding.AxisType.Auto,) * 3
-    if cfg.dcn_data > 1 and jax.process_count() > 1:
-        from jax.experimental import mesh_utils
-
-        per_slice = (shape[0] // cfg.dcn_data, shape[1], shape[2])
-        grid = mesh_utils.create_hybrid_device_mesh(
-            per_slice, (cfg.dcn_data, 1, 1), devices, process_is_granule=True
-        )
-        return Mesh(grid, MESH_AXES, axis_types=auto)
+    if cfg.dcn_data > 1 and len({d.process_index for d in devices}) > 1:
+        return Mesh(_hybrid_grid(cfg, shape, devices), MESH_AXES, axis_types=auto)
     if devices == list(jax.devices()):
         return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+
+
+def _hybrid_grid(cfg: MeshConfig, shape: tuple[int, int, int], devices: list) -> np.ndarray:
+    """Devices laid out so that only the data axis crosses hosts (or slices): `mesh.dcn_data`
+    blocks along it, each block one slice or one host, holding every fsdp and tensor group whole.
+    Gradients then cross the slow network once per step, in the data-axis reduction."""
+    from jax.experimental import mesh_utils
+
+    slices = {getattr(d, "slice_index", 0) for d in devices}
+    processes = {d.process_index for d in devices}
+    if len(slices) == cfg.dcn_data:
+        by_process = False  # multi-slice TPU: a slice is the unit behind the slow network
+    elif len(processes) == cfg.dcn_data:
+        by_process = True
+    else:
+        raise ConfigError(
+            f"mesh.dcn_data={cfg.dcn_data} must equal the number of slices ({len(slices)}) or of "
+            f"processes ({len(processes)}); set mesh.dcn_data=1 to ignore host boundaries")
+    per_block = (shape[0] // cfg.dcn_data, shape[1], shape[2])
+    return mesh_utils.create_hybrid_device_mesh(per_block, (cfg.dcn_data, 1, 1), devices,
+                                                process_is_granule=by_process)
 
 
 def _as_tuple(mesh_axes: Any) -> tuple[str, ...]:

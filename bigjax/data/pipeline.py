@@ -68,9 +68,27 @@ def get_tokenizer(cfg: Config, texts: list[str], run_dir: str):
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     cached = os.path.join(run_dir, "tokenizer")
+    if _process_count() > 1:  # the processes share run_dir: process 0 trains it, the others load it
+        from bigjax import distributed
+        if _process_index() == 0 and not os.path.isdir(cached):
+            train_bpe(texts, cfg.data.vocab_size, cached)
+        distributed.barrier("tokenizer", timeout_s=3600)  # a dead process 0 ends us sooner
+        if not os.path.isdir(cached):
+            raise DataError(f"process {_process_index()} cannot see the tokenizer that process 0 "
+                            f"wrote to {cached}; run.dir must be on storage all hosts share")
     if os.path.isdir(cached):
         return load_tokenizer(cached)
     return train_bpe(texts, cfg.data.vocab_size, cached)
+
+
+def _process_count() -> int:
+    import jax
+    return jax.process_count()
+
+
+def _process_index() -> int:
+    import jax
+    return jax.process_index()
 
 
 def split_docs(docs: list, val_fraction: float, seed: int) -> tuple[list, list]:
