@@ -109,3 +109,18 @@ def test_resume_is_exact_with_a_worker_process():
     resumed = make()
     resumed.restore(json.loads(json.dumps(stopped.state())))
     assert [next(resumed)["inputs"].tolist() for _ in range(4)] == reference[2:]
+
+
+def test_local_batches_become_global_arrays_sharded_over_the_batch_axis():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    plain = take(loader(n=40, batch=8), 3)
+    sharded = TrainLoader(Rows(40), 8, seed=3, shuffle=True, sharding=sharding)
+    for want in plain:
+        batch = next(sharded)
+        assert batch["id"].sharding == sharding and batch["id"].shape == (8, 1)
+        assert [s.data.shape for s in batch["id"].addressable_shards] == [(1, 1)] * 8
+        assert np.asarray(batch["id"])[:, 0].tolist() == want
