@@ -2,72 +2,314 @@
 
 One CheckpointManager per run under `<run.dir>/checkpoints`. Restores go through the abstract
 state with the *current* shardings, so a checkpoint written on one mesh restores on another.
-Nothing is pickled: arrays go through orbax/tensorstore, the rest is JSON.
+A checkpoint that cannot be read is skipped with a warning for the newest one that can; one from a
+different model is refused. Nothing is pickled: arrays go through orbax/tensorstore, the rest is JSON.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax.config import CheckpointConfig
 from bigjax.errors import CheckpointError
+
+log = logging.getLogger("bigjax")
+
+ITEMS = ("state", "data", "meta")
+# Files every finished checkpoint has; a step dir without one of them was cut short or damaged.
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+                  "data/metadata", "meta/metadata")
+# Model keys that change neither the parameter tree nor its meaning, so a resume may change them.
+RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attention_dropout", "dtype", "init_std"})
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:300]
+
+
+def _probe_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_test_{os.getpid()}")
+        with open(probe, "w") as fh:
+            fh.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint directory '{directory}' is not writable "
+                              f"({e.strerror or e}); use a run.dir on a writable disk")
+
+
+def missing_files(step_dir: str) -> list[str]:
+    return [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(step_dir, f))]
+
+
+def model_config_diff(saved: dict, current: dict) -> list[str]:
+    """`model.key (checkpoint X, config Y)` for every model key that would not fit the checkpoint."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_MODEL_KEYS or saved.get(key) == current.get(key):
+            continue
+        out.append(f"model.{key} (checkpoint {saved.get(key)!r}, config {current.get(key)!r})")
+    return out
+
+
+class ModelMismatch(CheckpointError):
+    """The checkpoint's model config differs in keys that change the parameters."""
+
+
+@dataclass
+class Restored:
+    step: int
+    state: Any
+    data_state: dict
+    meta: dict
 
 
 class Checkpointer:
     def __init__(self, run_dir: str, cfg: CheckpointConfig):
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-        best = bool(cfg.keep_best_metric)
+        _probe_writable(self.directory)
+        keep: list[policies.PreservationPolicy] = [policies.LatestN(n=cfg.keep)]
+        if cfg.keep_best_metric:
+            metric = cfg.keep_best_metric
+            # The latest `keep` always stay (resume needs them) plus the best `keep_best` evaluated.
+            keep.append(policies.BestN(get_metric_fn=lambda m: m[metric],
+                                       reverse=cfg.keep_best_mode == "min", n=cfg.keep_best,
+                                       keep_checkpoints_without_metrics=False))
+        # best_fn only makes orbax store (and reload) each checkpoint's metrics; BestN ranks them
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.keep,
-            enable_async_checkpointing=cfg.async_save,
-            create=True,
-            best_fn=(lambda m: m[cfg.keep_best_metric]) if best else None,
+            enable_async_checkpointing=cfg.async_save, create=True,
+            best_fn=(lambda m: m[cfg.keep_best_metric]) if cfg.keep_best_metric else None,
             best_mode=cfg.keep_best_mode,
-            keep_checkpoints_without_metrics=True,
-        )
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta"))
+            preservation_policy=policies.AnyPreservationPolicy(keep))
+        self.best_metric = cfg.keep_best_metric
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self.manager.all_steps())
+        return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_state: dict, meta: dict,
              metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+        if metrics is not None and self.best_metric and self.best_metric not in metrics:
+            raise CheckpointError(
+                f"checkpoint.keep_best_metric='{self.best_metric}' is not an evaluation metric "
+                f"(available: {', '.join(sorted(metrics))})")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))
-        return self.manager.save(step, args=args, metrics=metrics, force=force)
+        try:
+            return self.manager.save(step, args=args, metrics=metrics, force=force)
+        except Exception as e:  # orbax re-raises a failed async save on the next call
+            raise self._write_error(step, e) from e
 
-    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
+    def wait(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise self._write_error(None, e) from e
+
+    def _write_error(self, step: int | None, e: BaseException) -> CheckpointError:
+        what = f"step {step}" if step is not None else "a checkpoint"
+        kept = [s for s in self.all_steps()]
+        return CheckpointError(
+            f"could not write {what} to {self.directory}: {_first_line(e)}; earlier checkpoints "
+            f"(steps {kept or 'none'}) are untouched; free space or fix permissions, then resume")
+
+    def restore(self, step: int, abstract_state: Any) -> Restored:
         """`abstract_state`: ShapeDtypeStructs with the target shardings (this reshards)."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                   data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
         try:
             out = self.manager.restore(step, args=args)
-        except (FileNotFoundError, ValueError, KeyError) as e:
+        except Exception as e:  # tensorstore, orbax and JSON report damage with many types
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be restored: "
-                f"{str(e).splitlines()[0][:300]}")
-        return out["state"], out["data"], out["meta"]
+                f"checkpoint step {step} in {self.directory} cannot be restored: {_first_line(e)}")
+        return Restored(step, out["state"], out["data"], out["meta"])
+
+    def read_meta(self, step: int) -> dict:
+        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint step {step}: metadata {path} unreadable: "
+                                  f"{_first_line(e)}")
+
+    def _check_tree(self, step: int, abstract_state: Any) -> None:
+        """Same parameter names and shapes as this run's state, or ModelMismatch (not damage)."""
+        state_dir = os.path.join(self.directory, str(step), "state")
+        try:
+            saved = flat_shapes(read_tree_metadata(state_dir))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {state_dir}: unreadable metadata ({_first_line(e)})")
+        want = flat_shapes(abstract_state)
+        diff = [f"{k} (checkpoint {saved.get(k, 'absent')}, model {want.get(k, 'absent')})"
+                for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+        if diff:
+            raise ModelMismatch(f"checkpoint step {step} in {self.directory} does not fit this "
+                                f"model's state: {'; '.join(diff[:5])}"
+                                f"{f' and {len(diff) - 5} more' if len(diff) > 5 else ''}")
+
+    def restore_latest(self, abstract_state: Any, model_config: dict) -> Restored | None:
+        """The newest checkpoint that restores; damaged ones are skipped with a warning.
+
+        A checkpoint of a different model raises before anything is read or written. Returns None
+        only when the run holds no checkpoint at all; raises when all of them are unusable.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        problems = []
+        for step in steps:
+            step_dir = os.path.join(self.directory, str(step))
+            try:
+                gone = missing_files(step_dir)
+                if gone:
+                    raise CheckpointError(f"checkpoint {step_dir} is incomplete "
+                                          f"(missing {', '.join(gone)})")
+                meta = self.read_meta(step)
+                diff = model_config_diff(meta.get("config", {}).get("model", {}), model_config)
+                if diff:
+                    raise ModelMismatch(
+                        f"checkpoint {step_dir} was written by a different model: "
+                        f"{'; '.join(diff)}; use the same model config, a new run.dir, or "
+                        f"init.from={self.directory}@{step} to start from its parameters")
+                self._check_tree(step, abstract_state)
+                restored = self.restore(step, abstract_state)
+            except ModelMismatch:
+                raise
+            except CheckpointError as e:
+                log.warning("warning: %s; trying an older checkpoint", e)
+                problems.append(step)
+            else:
+                self._set_aside(problems)
+                return restored
+        if problems:
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory} (damaged: steps {problems}); not "
+                f"starting from scratch over them: move them away or use a new run.dir")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Move damaged checkpoints out of orbax's way (the resumed run saves those steps again)
+        into `<run.dir>/checkpoints_damaged/`, where nothing deletes them."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            aside = self.directory + "_damaged"
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
+                os.rename(os.path.join(self.directory, str(step)), target)
+                log.warning("warning: damaged checkpoint step %d moved to %s", step, target)
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()
+
+
+def read_tree_metadata(item_dir: str) -> Any:
+    """The saved tree of one item (shapes, dtypes), without reading arrays."""
+    absl_log = logging.getLogger("absl")
+    level = absl_log.level
+    absl_log.setLevel(logging.ERROR)  # orbax warns that a composite item has no step metadata
+    try:
+        return ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+    finally:
+        absl_log.setLevel(level)
+
+
+def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """`a/b/c` path -> shape for every array leaf of a state tree or orbax metadata tree."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if hasattr(leaf, "shape"):
+            out["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = \
+                tuple(leaf.shape)
+    return out
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
+
+
+# ---- listing (`bigjax checkpoints RUN_DIR`) ---------------------------------------------------
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: str
+    time: float | None  # commit time (seconds since the epoch); None when unfinished
+    size_bytes: int
+    metrics: dict[str, float]
+    complete: bool
+    problem: str  # why it is not complete; "" when complete
+
+
+def _dir_size(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def list_checkpoints(run_dir: str) -> list[CheckpointInfo]:
+    """Every step directory under `<run_dir>/checkpoints`, finished or not, oldest first."""
+    directory = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(run_dir):
+        raise CheckpointError(f"run dir '{run_dir}' does not exist")
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"'{run_dir}' holds no checkpoints/ directory (is it a run dir?)")
+    out = []
+    for name in os.listdir(directory):
+        head = name.split(".", 1)[0]
+        if not head.isdigit():
+            continue
+        path = os.path.join(directory, name)
+        tmp = name != head  # orbax writes into `<step>.orbax-checkpoint-tmp-*`, then renames
+        info = {}
+        try:
+            with open(os.path.join(path, "_CHECKPOINT_METADATA"), encoding="utf-8") as fh:
+                info = json.load(fh)
+        except (OSError, ValueError):
+            pass
+        gone = missing_files(path)
+        problem = ("unfinished save (orbax ignores it)" if tmp else
+                   f"missing {', '.join(gone)}" if gone else "")
+        stamp = info.get("commit_timestamp_nsecs")
+        out.append(CheckpointInfo(step=int(head), path=path,
+                                  time=stamp / 1e9 if stamp else None,
+                                  size_bytes=_dir_size(path), metrics=info.get("metrics") or {},
+                                  complete=not problem, problem=problem))
+    return sorted(out, key=lambda c: (c.step, c.complete))
+
+
+def format_checkpoints(infos: list[CheckpointInfo]) -> str:
+    rows = [("step", "time (UTC)", "size", "metrics", "status")]
+    for c in infos:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.time)) if c.time else "-"
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(c.metrics.items())) or "-"
+        rows.append((str(c.step), when, f"{c.size_bytes / 1e6:.2f} MB", metrics,
+                     "complete" if c.complete else f"INCOMPLETE: {c.problem}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(r[i].ljust(widths[i]) for i in range(4)) + "  " + r[4]
+                     for r in rows)

@@ -1,0 +1,137 @@
+"""`init.from`: start a run from another run's parameters (finetuning, continuing elsewhere).
+
+Only parameters are taken, never optimizer state or step. Names the source lacks keep their fresh
+init, names the model lacks are ignored, both listed; a shape mismatch is an error. Arrays are read
+straight into the run's shardings (orbax partial restore), so no full copy sits on one device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bigjax.checkpoint import missing_files, read_tree_metadata
+from bigjax.config import Config
+from bigjax.errors import CheckpointError
+
+log = logging.getLogger("bigjax")
+
+
+def _flat(tree: Any) -> dict[str, Any]:
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+    return out
+
+
+def _unflat_like(flat: dict[str, Any], like: Any) -> Any:
+    paths, treedef = jax.tree_util.tree_flatten_with_path(like)
+    keys = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in paths]
+    return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
+
+
+def resolve_step_dir(source: str) -> str:
+    """`run_dir | checkpoints_dir | step_dir` with optional `@step` -> one finished step dir."""
+    path, _, at = source.partition("@")
+    if at and not at.isdigit():
+        raise CheckpointError(f"init.from='{source}': '@{at}' is not a step number "
+                              f"(expected PATH or PATH@STEP)")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"init.from='{source}': '{path}' is not a directory "
+                              f"(expected a run dir, its checkpoints/ dir or one step dir, or hf:DIR)")
+    if os.path.isdir(os.path.join(path, "state")) and not at:
+        step_dirs = {int(os.path.basename(os.path.normpath(path))): path} \
+            if os.path.basename(os.path.normpath(path)).isdigit() else {0: path}
+    else:
+        root = os.path.join(path, "checkpoints") if os.path.isdir(
+            os.path.join(path, "checkpoints")) else path
+        step_dirs = {int(n): os.path.join(root, n) for n in os.listdir(root) if n.isdigit()}
+    complete = {s: d for s, d in step_dirs.items() if not missing_files(d)}
+    if at:
+        if int(at) not in complete:
+            raise CheckpointError(f"init.from='{source}': no complete checkpoint at step {at} "
+                                  f"(complete steps: {sorted(complete) or 'none'})")
+        return complete[int(at)]
+    if not complete:
+        raise CheckpointError(f"init.from='{source}': no complete checkpoint under '{path}'")
+    return complete[max(complete)]
+
+
+def _from_checkpoint(step_dir: str, fresh: dict[str, Any]) -> tuple[dict, dict]:
+    """(arrays read into the fresh shardings for names whose shapes agree, the source's shapes)."""
+    state_dir = os.path.join(step_dir, "state")
+    ckptr = ocp.PyTreeCheckpointer()
+    try:
+        tree = read_tree_metadata(state_dir)
+        shapes = {k: tuple(v.shape) for k, v in _flat(tree["params"]).items()}
+    except Exception as e:
+        raise CheckpointError(f"init.from: cannot read the parameter list of {state_dir}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+    _check_shapes(shapes, fresh)
+    wanted = {k: v for k, v in fresh.items() if k in shapes}
+    if not wanted:
+        return {}, shapes
+    nested: dict = {}
+    for key, v in wanted.items():
+        node = nested
+        parts = key.split("/")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+    item = {"params": nested}
+    restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
+                                item)
+    try:
+        out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=restore_args, partial_restore=True))
+    except Exception as e:
+        raise CheckpointError(f"init.from: cannot read parameters from {state_dir}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+    return _flat(out["params"]), shapes
+
+
+def _check_shapes(shapes: dict[str, tuple], fresh: dict[str, Any]) -> None:
+    for k, v in fresh.items():
+        if k in shapes and tuple(shapes[k]) != tuple(v.shape):
+            raise CheckpointError(
+                f"init.from: parameter '{k}' has shape {tuple(shapes[k])} in the source but "
+                f"{tuple(v.shape)} in this model; change the model config to match or drop init.from")
+
+
+def _from_hf(hf_dir: str, cfg: Config, fresh: dict[str, Any]) -> tuple[dict, dict]:
+    from bigjax import hf  # written in parallel; only runs that ask for hf: need it
+    arrays = _flat(hf.load_params(hf_dir, cfg))
+    shapes = {k: tuple(np.shape(v)) for k, v in arrays.items()}
+    _check_shapes(shapes, fresh)
+    loaded = {k: jax.device_put(np.asarray(arrays[k], dtype=v.dtype), v.sharding)
+              for k, v in fresh.items() if k in arrays}
+    return loaded, shapes
+
+
+def load_init_params(cfg: Config, spec: str, fresh_params: Any) -> Any:
+    """`fresh_params` (sharded, freshly initialised) with every parameter the source has replaced."""
+    fresh = _flat(fresh_params)
+    if spec.startswith("hf:"):
+        loaded, shapes = _from_hf(spec[3:], cfg, fresh)
+        where = spec
+    else:
+        where = resolve_step_dir(spec)
+        loaded, shapes = _from_checkpoint(where, fresh)
+    if not loaded:
+        raise CheckpointError(f"init.from='{spec}': none of this model's parameters are in the "
+                              f"source (it has {', '.join(sorted(shapes)[:5])}, ...)")
+    missing = sorted(k for k in fresh if k not in loaded)
+    extra = sorted(k for k in shapes if k not in fresh)
+    if jax.process_index() == 0:
+        log.warning("init.from: %d parameters loaded from %s", len(loaded), where)
+        if missing:
+            log.warning("init.from: not in the source, freshly initialised: %s", ", ".join(missing))
+        if extra:
+            log.warning("init.from: in the source but not in this model, ignored: %s",
+                        ", ".join(extra))
+    return _unflat_like({k: loaded.get(k, v) for k, v in fresh.items()}, fresh_params)
