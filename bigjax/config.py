@@ -313,6 +313,7 @@ def validate(cfg: Config) -> None:
     if cfg.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every must be 0 (only at the end) or a number of steps, "
                           f"got {cfg.checkpoint.every}")
+    _validate_data(cfg.data)
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
@@ -347,6 +348,19 @@ def validate(cfg: Config) -> None:
                 f"sharding.rules[{i}]: expected [logical_axis, mesh_axis | [mesh_axes] | null], "
                 f"got {rule!r}"
             )
+
+
+def _validate_data(d: DataConfig) -> None:
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    for key in ("workers", "threads"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be 0 or more, got {getattr(d, key)}")
+    scheme = d.source.split(":", 1)[0] if ":" in d.source else ""
+    # a one-letter scheme is a Windows drive, one with "/" a path with a colon in it
+    if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds"):
+        raise ConfigError(f"data.source '{d.source}': unknown scheme (expected builtin:pydocs, "
+                          "tfds:NAME[/CONFIG] or a file path/glob)")
 
 
 def save_config(cfg: Config, path: str) -> None:

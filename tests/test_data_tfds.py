@@ -62,3 +62,19 @@ def test_unknown_split_lists_the_prepared_splits(tmp_path):
         tfds_records("tfds:imdb_reviews", "validation", str(tmp_path))
     assert str(e.value) == ("data.split: tfds:imdb_reviews has no split 'validation' "
                             "(splits: test, train)")
+
+
+def test_tfds_rows_that_are_not_utf8_follow_the_bad_row_policy():
+    from bigjax.data.pipeline import read_texts
+    rows = [{"text": b"good one", "label": 1}, {"text": b"bad \xff", "label": 0},
+            {"text": b"good two", "label": 1}]
+    with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: rows):
+        cfg = load_config(None, ["data.source=tfds:imdb_reviews"])
+        texts, stats = read_texts(cfg)
+        assert texts == ["good one", "good two"]
+        assert stats.summary() == "2 rows read, 1 skipped (1 not valid UTF-8)"
+        cfg.data.on_bad_rows = "error"
+        with pytest.raises(DataError) as e:
+            read_texts(cfg)
+    assert str(e.value) == ("tfds:imdb_reviews split 'train': row 2: not valid UTF-8 (set "
+                            "data.on_bad_rows=skip to skip and count such rows)")

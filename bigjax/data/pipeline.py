@@ -37,12 +37,12 @@ def load_rows(cfg: Config, which: str, fields: Sequence[str]) -> tuple[Sequence[
     split = cfg.data.split if which == "train" else cfg.data.eval_split
     if which == "eval" and not split:
         return [], ReadStats()
-    if src.startswith("tfds:"):
-        records = tfds_records(src, split, cfg.data.dir, fields)
-        return records, ReadStats(rows=len(records))
     reader = RecordReader(cfg.data.on_bad_rows, fields)
-    pattern = src if which == "train" else split
-    rows = [row for path in files_for(pattern) for row in reader.read(path)]
+    if src.startswith("tfds:"):
+        rows = list(tfds_records(src, split, cfg.data.dir, fields).read(reader))
+    else:
+        pattern = src if which == "train" else split
+        rows = [row for path in files_for(pattern) for row in reader.read(path)]
     if reader.stats.skipped:
         log.warning("data (%s): %s", which, reader.stats.summary())
     return rows, reader.stats

@@ -14,7 +14,8 @@ yielded. `fields` are the fields every row must have: a CSV/Parquet file without
 (naming the file and its columns); a JSONL row without one is a bad row. Bad rows (not valid UTF-8,
 not valid JSON, not a JSON object, a missing field) are skipped and counted with
 `on_bad_rows="skip"`, or raise a `DataError` naming the file and row with `"error"`. Missing and
-empty files are always errors. `tfds_records(...)` gives a random-access tfds split.
+empty files are always errors. `tfds_records(...)` gives a random-access tfds split;
+`tfds_records(...).read(reader)` iterates it with the same policy and counts.
 """
 
 from __future__ import annotations
@@ -224,6 +225,19 @@ class TfdsRecords:
             return {k: _plain(row[k]) for k in (self.fields or row)}
         except UnicodeDecodeError:
             raise DataError(f"tfds:{self.name} split '{self.split}': row {i + 1}: not valid UTF-8")
+
+    def read(self, reader: RecordReader) -> Iterator[dict]:
+        """Every row in order, with `reader`'s bad-row policy and counts (in this process, so a
+        bad row never surfaces inside a loader worker)."""
+        for i in range(len(self.source)):
+            try:
+                row = self[i]
+            except DataError:
+                reader._bad(f"tfds:{self.name} split '{self.split}'", i + 1, "not valid UTF-8")
+                continue
+            reader.row = i + 1
+            reader.stats.rows += 1
+            yield row
 
 
 def tfds_records(spec: str, split: str, data_dir: str = "",
