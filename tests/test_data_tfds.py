@@ -78,3 +78,10 @@ def test_tfds_rows_that_are_not_utf8_follow_the_bad_row_policy():
             read_texts(cfg)
     assert str(e.value) == ("tfds:imdb_reviews split 'train': row 2: not valid UTF-8 (set "
                             "data.on_bad_rows=skip to skip and count such rows)")
+
+
+def test_a_dataset_with_a_config_from_a_lazily_imported_package():
+    with tfds.testing.mock_data(num_examples=6):
+        records = tfds_records("tfds:glue/sst2", "validation", "", ("sentence", "label"))
+        assert len(records) == 6
+        assert sorted(records[0]) == ["label", "sentence"] and isinstance(records[0]["sentence"], str)

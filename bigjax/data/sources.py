@@ -240,6 +240,21 @@ class TfdsRecords:
             yield row
 
 
+# tfds imports its older builder packages lazily; a name from one is unknown until it is imported
+_TFDS_PACKAGES = ("text", "image_classification", "structured", "translate", "summarization",
+                  "question_answering", "audio", "image", "video", "object_detection")
+
+
+def _register_legacy_builders() -> None:
+    import importlib
+
+    for pkg in _TFDS_PACKAGES:
+        try:
+            importlib.import_module(f"tensorflow_datasets.{pkg}")
+        except Exception:  # a package that needs TensorFlow: its datasets stay unknown here
+            pass
+
+
 def tfds_records(spec: str, split: str, data_dir: str = "",
                  fields: Sequence[str] = ("text",)) -> TfdsRecords:
     """`spec` is `tfds:NAME[/CONFIG]`; the split must be prepared already (never downloads)."""
@@ -248,7 +263,11 @@ def tfds_records(spec: str, split: str, data_dir: str = "",
     name = spec[len("tfds:"):]
     data_dir = data_dir or None
     try:
-        builder = tfds.builder(name, data_dir=data_dir)
+        try:
+            builder = tfds.builder(name, data_dir=data_dir)
+        except tfds.core.registered.DatasetNotFoundError:
+            _register_legacy_builders()  # e.g. glue lives in a lazily imported package
+            builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         known = sorted(set(tfds.list_builders(with_community_datasets=False)))  # has duplicates
         close = difflib.get_close_matches(name.split("/")[0], known, n=5, cutoff=0.6)
