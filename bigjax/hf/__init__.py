@@ -115,12 +115,13 @@ def _flat_params(params: Any) -> dict[tuple[str, ...], np.ndarray]:
     return flat
 
 
-def hf_tensors(params: Any, cfg: Config) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def hf_tensors(params: Any, cfg: Config, label_names: list[str] | None = None
+               ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(safetensors dict, config.json dict) for a bigjax parameter tree."""
     family = names.family_of(cfg)
     table, prefix = names.TABLES[family]
     flat = _flat_params(params)
-    hf_cfg = hf_config_from_bigjax(cfg, family)
+    hf_cfg = hf_config_from_bigjax(cfg, family, label_names)
     # the base model goes under its prefix whenever the architecture carries a head
     with_head = hf_cfg["architectures"][0] not in ("BertModel",)
     parts: dict[str, list[tuple[int, np.ndarray]]] = {}
@@ -138,11 +139,11 @@ def hf_tensors(params: Any, cfg: Config) -> tuple[dict[str, np.ndarray], dict[st
     return tensors, hf_cfg
 
 
-def save_params(params: Any, cfg: Config, out_dir: str) -> None:
+def save_params(params: Any, cfg: Config, out_dir: str, label_names: list[str] | None = None) -> None:
     """Write config.json + model.safetensors that transformers' Auto classes load."""
     from safetensors.numpy import save_file
 
-    tensors, hf_cfg = hf_tensors(params, cfg)
+    tensors, hf_cfg = hf_tensors(params, cfg, label_names)
     os.makedirs(out_dir, exist_ok=True)
     save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:

@@ -96,7 +96,8 @@ def task_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def hf_config_from_bigjax(cfg: Config, family: str) -> dict[str, Any]:
+def hf_config_from_bigjax(cfg: Config, family: str,
+                          label_names: list[str] | None = None) -> dict[str, Any]:
     """config.json for an export; `architectures` follows the run's task head."""
     m = cfg.model
     drop = m.dropout
@@ -113,9 +114,10 @@ def hf_config_from_bigjax(cfg: Config, family: str) -> dict[str, Any]:
                    attention_probs_dropout_prob=attn_drop, pad_token_id=m.pad_token_id,
                    position_embedding_type="absolute", initializer_range=m.init_std)
         if cfg.task.name == "classification":
+            names = label_names or [f"LABEL_{i}" for i in range(cfg.task.num_labels)]
             out.update(num_labels=cfg.task.num_labels,
-                       id2label={str(i): f"LABEL_{i}" for i in range(cfg.task.num_labels)},
-                       label2id={f"LABEL_{i}": i for i in range(cfg.task.num_labels)})
+                       id2label={str(i): n for i, n in enumerate(names)},
+                       label2id={n: i for i, n in enumerate(names)})
         return out
     if family == "gpt2":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], vocab_size=m.vocab_size,

@@ -112,7 +112,9 @@ def bigjax_to_hf(run_dir: str, out: str) -> Config:
     cfg, params = run_params(run_dir)
     tmp = out.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_params(params, cfg, tmp)
+    from bigjax.data.classification import load_label_names
+    labels = load_label_names(run_dir) if cfg.task.name == "classification" else None
+    save_params(params, cfg, tmp, labels)
     tok_dir = os.path.join(run_dir, "tokenizer")
     if not os.path.isdir(tok_dir):
         tok_dir = cfg.data.tokenizer

@@ -85,6 +85,66 @@ def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
     return out.astype(x_BTNH.dtype)
 
 
+# Logits of one attention chunk (rows of the batch x heads x T x S, float32) kept near this size,
+# so that softmax and its backward pass run in a CPU core's cache instead of main memory.
+_CPU_CHUNK_BYTES = 2 << 20
+
+
+def _attention_rows(q, k, v, bias, key, rate: float, dtype):
+    """softmax(q k^T + bias) v for a block of batch rows; `key` is None without dropout."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    q = q * jnp.asarray(H ** -0.5, q.dtype)
+    if K == N:  # plain multi-head: the einsums map onto one batched dot each, no extra transposes
+        logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) + bias
+    else:  # grouped-query: heads grouped over their shared kv head
+        q = q.reshape(B, T, K, N // K, H)
+        logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
+        logits = (logits + bias[:, :, None]).reshape(B, N, T, -1)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    if key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - rate), 0).astype(dtype)
+    if K == N:
+        return jnp.einsum("bnts,bsnh->btnh", probs, v)
+    probs = probs.reshape(B, K, N // K, T, -1)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+
+
+def _chunk_rows(batch: int, per_row_bytes: int) -> int:
+    if jax.default_backend() != "cpu":
+        return batch
+    rows = min(batch, max(1, _CPU_CHUNK_BYTES // per_row_bytes))
+    while batch % rows:
+        rows -= 1
+    return rows
+
+
+def dot_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
+                  *, dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+    """Masked softmax attention. On CPU it runs over chunks of batch rows, each rematerialised in
+    the backward pass: the T x S probabilities never travel through main memory, which makes the
+    attention of a BERT-base-like step several times faster there (bench/finetune_vs_pytorch.py).
+    """
+    B, T, N, _ = q_BTNH.shape
+    S = k_BSKH.shape[1]
+    bias = jnp.where(mask_BTS, 0.0, -1e30).astype(jnp.float32)[:, None]  # B|1, 1, T, S
+    key = key if dropout > 0 else None
+    rows = _chunk_rows(B, N * T * S * 4)
+    fn = lambda q, k, v, b, kk: _attention_rows(q, k, v, b, kk, dropout, q_BTNH.dtype)
+    if rows == B:
+        return fn(q_BTNH, k_BSKH, v_BSKH, bias, key)
+    n = B // rows
+    split = lambda x: x.reshape(n, rows, *x.shape[1:])
+    per_batch_bias = bias.shape[0] == B
+    body = jax.checkpoint(lambda xs: fn(xs[0], xs[1], xs[2],
+                                        xs[3] if per_batch_bias else bias,
+                                        None if key is None else jax.random.fold_in(key, xs[4])))
+    xs = (split(q_BTNH), split(k_BSKH), split(v_BSKH),
+          split(bias) if per_batch_bias else jnp.zeros((n,)), jnp.arange(n))
+    return jax.lax.map(body, xs).reshape(B, T, N, -1)
+
+
 class Attention(nnx.Module):
     """Multi-head attention with optional grouped-query heads (n_kv_heads < n_heads)."""
 
@@ -92,27 +152,22 @@ class Attention(nnx.Module):
                  use_bias: bool, dropout: float, rope_theta: float | None, dtype, std: float,
                  out_std: float, rngs: nnx.Rngs):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
-        self.rope_theta, self.dtype = rope_theta, dtype
+        self.rope_theta, self.dtype, self.dropout_rate = rope_theta, dtype, dropout
         kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
         self.query = Dense((d_model,), (n_heads, head_dim), ("embed", "heads", "kv"), std=std, **kw)
         self.key = Dense((d_model,), (n_kv_heads, head_dim), ("embed", "kv_heads", "kv"), std=std, **kw)
         self.value = Dense((d_model,), (n_kv_heads, head_dim), ("embed", "kv_heads", "kv"), std=std, **kw)
         self.out = Dense((n_heads, head_dim), (d_model,), ("heads", "kv", "embed"), std=out_std, **kw)
-        self.dropout = nnx.Dropout(dropout)
 
     def __call__(self, x_BTD: jax.Array, mask_BTS: jax.Array, positions_BT: jax.Array,
                  rngs: nnx.Rngs | None) -> jax.Array:
         q, k, v = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
         if self.rope_theta is not None:
             q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
-        B, T, N, H = q.shape
-        K = self.n_kv_heads
-        q = q.reshape(B, T, K, N // K, H)  # heads grouped over their shared kv head
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k) * (H ** -0.5)
-        logits = jnp.where(mask_BTS[:, None, None], logits.astype(jnp.float32), -1e30)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        probs = self.dropout(probs, deterministic=rngs is None, rngs=rngs)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
+        use_dropout = rngs is not None and self.dropout_rate > 0
+        key = rngs.dropout() if use_dropout else None
+        out = dot_attention(q, k, v, mask_BTS, dropout=self.dropout_rate if use_dropout else 0.0,
+                            key=key)
         return self.out(out)
 
 
