@@ -145,22 +145,31 @@ class Checkpointer:
             with open(path, encoding="utf-8") as fh:
                 return json.load(fh)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"checkpoint step {step}: metadata {path} unreadable: "
-                                  f"{_first_line(e)}")
+            raise CheckpointError(f"checkpoint step {step} in {self.directory}: metadata "
+                                  f"unreadable ({_first_line(e)})")
 
-    def _check_tree(self, step: int, abstract_state: Any) -> None:
-        """Same parameter names and shapes as this run's state, or ModelMismatch (not damage)."""
-        state_dir = os.path.join(self.directory, str(step), "state")
+    def _check(self, step: int, abstract_state: Any, model_config: dict) -> None:
+        """Raise CheckpointError (damaged) or ModelMismatch (fine, but another model's)."""
+        where = f"checkpoint step {step} in {self.directory}"
+        gone = missing_files(os.path.join(self.directory, str(step)))
+        if gone:
+            raise CheckpointError(f"{where} is incomplete (missing {', '.join(gone)})")
+        saved_model = self.read_meta(step).get("config", {}).get("model", {})
+        diff = model_config_diff(saved_model, model_config)
+        if diff:
+            raise ModelMismatch(
+                f"{where} was written by a different model: {'; '.join(diff)}; use the same "
+                f"model config, a new run.dir, or init.from={self.directory}@{step} to start "
+                f"from its parameters")
         try:
-            saved = flat_shapes(read_tree_metadata(state_dir))
+            saved = flat_shapes(read_tree_metadata(os.path.join(self.directory, str(step), "state")))
         except Exception as e:
-            raise CheckpointError(f"checkpoint {state_dir}: unreadable metadata ({_first_line(e)})")
+            raise CheckpointError(f"{where}: array metadata unreadable ({_first_line(e)})")
         want = flat_shapes(abstract_state)
         diff = [f"{k} (checkpoint {saved.get(k, 'absent')}, model {want.get(k, 'absent')})"
                 for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
-        if diff:
-            raise ModelMismatch(f"checkpoint step {step} in {self.directory} does not fit this "
-                                f"model's state: {'; '.join(diff[:5])}"
+        if diff:  # same model keys but another state tree (task head, optimizer)
+            raise ModelMismatch(f"{where} does not fit this run's state: {'; '.join(diff[:5])}"
                                 f"{f' and {len(diff) - 5} more' if len(diff) > 5 else ''}")
 
     def restore_latest(self, abstract_state: Any, model_config: dict) -> Restored | None:
@@ -169,35 +178,22 @@ class Checkpointer:
         A checkpoint of a different model raises before anything is read or written. Returns None
         only when the run holds no checkpoint at all; raises when all of them are unusable.
         """
-        steps = sorted(self.all_steps(), reverse=True)
-        problems = []
-        for step in steps:
-            step_dir = os.path.join(self.directory, str(step))
+        damaged = []
+        for step in sorted(self.all_steps(), reverse=True):
             try:
-                gone = missing_files(step_dir)
-                if gone:
-                    raise CheckpointError(f"checkpoint {step_dir} is incomplete "
-                                          f"(missing {', '.join(gone)})")
-                meta = self.read_meta(step)
-                diff = model_config_diff(meta.get("config", {}).get("model", {}), model_config)
-                if diff:
-                    raise ModelMismatch(
-                        f"checkpoint {step_dir} was written by a different model: "
-                        f"{'; '.join(diff)}; use the same model config, a new run.dir, or "
-                        f"init.from={self.directory}@{step} to start from its parameters")
-                self._check_tree(step, abstract_state)
+                self._check(step, abstract_state, model_config)
                 restored = self.restore(step, abstract_state)
             except ModelMismatch:
                 raise
             except CheckpointError as e:
                 log.warning("warning: %s; trying an older checkpoint", e)
-                problems.append(step)
+                damaged.append(step)
             else:
-                self._set_aside(problems)
+                self._set_aside(damaged)
                 return restored
-        if problems:
+        if damaged:
             raise CheckpointError(
-                f"no usable checkpoint in {self.directory} (damaged: steps {problems}); not "
+                f"no usable checkpoint in {self.directory} (damaged: steps {damaged}); not "
                 f"starting from scratch over them: move them away or use a new run.dir")
         return None
 
@@ -229,9 +225,12 @@ def read_tree_metadata(item_dir: str) -> Any:
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # orbax warns that a composite item has no step metadata
     try:
-        return ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
+        item = ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata
     finally:
         absl_log.setLevel(level)
+    if item is None:  # orbax returns None when tensorstore cannot read the array metadata
+        raise CheckpointError(f"{item_dir}: orbax cannot read its array metadata")
+    return item.tree
 
 
 def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
@@ -292,13 +291,19 @@ def list_checkpoints(run_dir: str) -> list[CheckpointInfo]:
                 info = json.load(fh)
         except (OSError, ValueError):
             pass
+        metrics = info.get("metrics") or {}
+        try:  # orbax keeps the metrics given to save() in their own item when best_fn is set
+            with open(os.path.join(path, "metrics", "metrics"), encoding="utf-8") as fh:
+                metrics = json.load(fh)
+        except (OSError, ValueError):
+            pass
         gone = missing_files(path)
         problem = ("unfinished save (orbax ignores it)" if tmp else
                    f"missing {', '.join(gone)}" if gone else "")
         stamp = info.get("commit_timestamp_nsecs")
         out.append(CheckpointInfo(step=int(head), path=path,
                                   time=stamp / 1e9 if stamp else None,
-                                  size_bytes=_dir_size(path), metrics=info.get("metrics") or {},
+                                  size_bytes=_dir_size(path), metrics=metrics,
                                   complete=not problem, problem=problem))
     return sorted(out, key=lambda c: (c.step, c.complete))
 
