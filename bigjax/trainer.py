@@ -287,6 +287,7 @@ class Trainer:
             for s, h in handlers.items():
                 signal.signal(s, h)
             report.close()
+            loader.close()  # stops data.workers processes and frees their shared memory
         if jax.process_index() == 0:
             plot_losses(self.run_dir)
         self.preempted = preempted

@@ -94,21 +94,37 @@ def test_eval_covers_the_split_once_per_process_with_weightless_padding():
     assert pad_weights.tolist() == [1, 1, 1, 1, 1, 0]  # process 1 holds 5 rows, 1 pad row
 
 
-def test_resume_is_exact_with_a_worker_process():
-    # grain worker processes (data.workers) keep their own position; it must survive JSON too
+def test_resume_is_exact_across_worker_process_counts():
+    # the position does not depend on data.workers: stop with a worker process, resume without
+    # one and with one; all three continue exactly as the uninterrupted run
     from bigjax.data.lm import PackedWindows, TokenStream
     src = PackedWindows(TokenStream.from_docs([list(range(i, i + 7)) for i in range(40)], 999), 4)
 
-    def make():
-        return TrainLoader(src, 4, seed=1, shuffle=True, sharding=None, workers=1)
+    def make(workers):
+        return TrainLoader(src, 4, seed=1, shuffle=True, sharding=None, workers=workers)
 
-    whole = make()
+    whole = make(0)
     reference = [next(whole)["inputs"].tolist() for _ in range(6)]
-    stopped = make()
+    stopped = make(1)
     assert [next(stopped)["inputs"].tolist() for _ in range(2)] == reference[:2]
-    resumed = make()
-    resumed.restore(json.loads(json.dumps(stopped.state())))
+    saved = json.loads(json.dumps(stopped.state()))
+    stopped.restore(saved)  # restoring in place restarts its workers at the same position
+    assert [next(stopped)["inputs"].tolist() for _ in range(4)] == reference[2:]
+    resumed = make(0)
+    resumed.restore(saved)
     assert [next(resumed)["inputs"].tolist() for _ in range(4)] == reference[2:]
+
+
+def test_a_position_from_other_data_is_refused():
+    state = loader(n=20).state()
+    with pytest.raises(DataError) as e:
+        loader(n=21).restore(state)
+    assert str(e.value) == (
+        "the checkpoint's data position belongs to other data or batching (examples 20 -> 21), "
+        "so the run cannot continue with the exact next batch; restore the data.* and "
+        "train.batch_size settings, or start a new run.dir")
+    with pytest.raises(DataError, match=r"position \{'next_index': 3\} is not a bigjax loader"):
+        loader().restore({"next_index": 3})
 
 
 def test_local_batches_become_global_arrays_sharded_over_the_batch_axis():

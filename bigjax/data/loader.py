@@ -12,11 +12,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from bigjax.errors import ConfigError, DataError
+
 Example = dict[str, np.ndarray]
 
 
 def _local_batch(global_batch: int, process_count: int) -> int:
-    from bigjax.errors import ConfigError
     if global_batch % process_count:
         raise ConfigError(
             f"train.batch_size={global_batch} is not divisible by the {process_count} processes")
@@ -42,12 +43,15 @@ class TrainLoader:
     the processes' shares are disjoint, together cover the epoch once, and are equally long (the
     at most P-1 examples cut per epoch are counted in `dropped_per_epoch`). Batches may span an
     epoch boundary; no example is ever lost to batching.
+
+    The pipeline is index-based (a grain MapDataset end to end), so its position is just the
+    number of batches taken: the same on every process, independent of `workers` (a run may
+    resume with more or fewer), and restored by starting the dataset at that batch.
     """
 
     def __init__(self, source: Sequence[Example], global_batch: int, *, seed: int, shuffle: bool,
                  sharding: NamedSharding | None, process_index: int = 0, process_count: int = 1,
                  workers: int = 0, threads: int = 0):
-        from bigjax.errors import DataError
         self.local_batch = _local_batch(global_batch, process_count)
         n = len(source)
         usable = n - n % process_count
@@ -58,30 +62,55 @@ class TrainLoader:
         if shuffle:
             ds = ds.shuffle(seed=seed)  # before repeat: each epoch is a fresh permutation of it
         ds = ds[:usable][process_index::process_count].repeat(None)
-        ds = ds.batch(self.local_batch, drop_remainder=True)
-        # threads: grain reads elements of a batch concurrently; 0 = grain's default
-        opts = grain.ReadOptions(num_threads=threads) if threads else None
-        it_ds = ds.to_iter_dataset(opts)
-        if workers > 0:
-            _absl_flags_ready()
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+        self._batches = ds.batch(self.local_batch, drop_remainder=True)
+        self._workers, self._threads = workers, threads
+        # what a saved position is only valid for
+        self._identity = {"examples": n, "global_batch": global_batch, "seed": seed,
+                          "shuffle": shuffle, "process_count": process_count}
         self.sharding = sharding
-        self._it = iter(it_ds)
         self.examples_per_epoch = usable // process_count
         self.dropped_per_epoch = n - usable
+        self._start(0)
+
+    def _start(self, taken: int) -> None:
+        ds = self._batches[taken:] if taken else self._batches
+        # threads: grain reads the elements of a batch concurrently; 0 = grain's default
+        opts = grain.ReadOptions(num_threads=self._threads) if self._threads else None
+        it_ds = ds.to_iter_dataset(opts)
+        if self._workers > 0:
+            _absl_flags_ready()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        self._it, self._taken = iter(it_ds), taken
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
     def __next__(self) -> dict[str, Any]:
         local = next(self._it)
+        self._taken += 1
         return local if self.sharding is None else to_global(local, self.sharding)
 
+    def close(self) -> None:
+        """Stops worker processes and frees their shared memory (a no-op without workers)."""
+        self._it.close()
+
     def state(self) -> dict:
-        return self._it.get_state()
+        """JSON-able position, stored in checkpoints with orbax JsonSave."""
+        return {"batches_taken": self._taken, **self._identity}
 
     def restore(self, state: dict) -> None:
-        self._it.set_state(state)
+        if not isinstance(state, dict) or not isinstance(state.get("batches_taken"), int):
+            raise DataError(f"the checkpoint's data position {str(state)[:80]} is not a bigjax "
+                            "loader state (expected batches_taken and the data it belongs to)")
+        changed = [f"{k} {state.get(k)!r} -> {v!r}" for k, v in self._identity.items()
+                   if state.get(k) != v]
+        if changed:
+            raise DataError(
+                "the checkpoint's data position belongs to other data or batching ("
+                + ", ".join(changed) + "), so the run cannot continue with the exact next batch; "
+                "restore the data.* and train.batch_size settings, or start a new run.dir")
+        self._it.close()  # stops the old worker processes, if any
+        self._start(state["batches_taken"])
 
 
 def eval_batches(source: Sequence[Example], global_batch: int, *, sharding: NamedSharding | None,
