@@ -126,3 +126,27 @@ def test_sharded_finetune_matches_one_device(trained, tmp_path, monkeypatch):
         losses[name] = [r["loss"] for r in rows if "loss" in r]
     assert len(losses["one"]) == 4
     np.testing.assert_allclose(losses["sharded"], losses["one"], rtol=0, atol=1e-5)
+
+
+def test_mlm_pretrain_then_finetune_from_the_run(trained, tmp_path):
+    """masked_lm through the Trainer with the real BERT, then a classifier that starts from that
+    run: the encoder's parameters and the tokenizer carry over, the head is new."""
+    source = os.path.join(os.path.dirname(trained[2]), "reviews.csv")
+    bert = ["model.name=bert", "model.norm_eps=1e-12", "train.steps=3", "data.pack=true"]
+    mlm_cfg = load_config(None, tiny(str(tmp_path / "mlm"), source, *bert, "task.name=masked_lm"))
+    mlm = Trainer(mlm_cfg)
+    final = mlm.train()
+    assert set(final) == {"eval_loss", "eval_accuracy", "eval_perplexity"}
+    assert final["eval_perplexity"] == pytest.approx(np.exp(final["eval_loss"]), rel=1e-9)
+    ft = Trainer(load_config(None, tiny(str(tmp_path / "ft"), source, *bert,
+                                        f"init.from={tmp_path / 'mlm'}")))
+    assert ft.data.tokenizer.get_vocab() == mlm.data.tokenizer.get_vocab()
+    start = jax.device_get(ft.init_state().params)
+    pretrained = jax.device_get(mlm.state.params)
+    flat = lambda t: {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    start, pretrained = flat(start), flat(pretrained)
+    shared = [k for k in start if k in pretrained]
+    assert any("layer_0" in k for k in shared) and not any("classifier" in k for k in pretrained)
+    assert any("classifier" in k for k in start)
+    for k in shared:
+        np.testing.assert_array_equal(start[k], pretrained[k], err_msg=k)

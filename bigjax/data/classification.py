@@ -133,9 +133,12 @@ def examples(tok, rows: Sequence[Row], ids: np.ndarray, seq_len: int) -> ArrayEx
     return ArrayExamples({**arrays, "labels": ids, "weights": np.ones(len(rows), np.float32)})
 
 
-def build_classification_data(cfg: Config, run_dir: str):
-    """Train and eval sources for `task.name: classification`; sets `task.num_labels` when 0."""
-    from bigjax.data.pipeline import Data, split_docs
+def split_rows(cfg: Config) -> tuple[list[Row], list[Row], dict[str, Any]]:
+    """Deduplicated training and validation rows (as read) and what was removed on the way.
+
+    Also what the scikit-learn baseline reads, so that it scores on exactly bigjax's split.
+    """
+    from bigjax.data.pipeline import split_docs
 
     d = cfg.data
     rows, skipped = _rows(cfg, d.source)
@@ -152,6 +155,15 @@ def build_classification_data(cfg: Config, run_dir: str):
     if not train_rows or not val_rows:
         raise DataError(f"{len(train_rows)} training and {len(val_rows)} validation rows; both "
                         "need at least one (data.val_fraction or data.eval_split)")
+    return train_rows, val_rows, {"duplicates_removed": duplicates, "skipped_by_reason": skipped}
+
+
+def build_classification_data(cfg: Config, run_dir: str):
+    """Train and eval sources for `task.name: classification`; sets `task.num_labels` when 0."""
+    from bigjax.data.pipeline import Data
+
+    train_rows, val_rows, removed = split_rows(cfg)
+    duplicates, skipped = removed["duplicates_removed"], removed["skipped_by_reason"]
     saved = load_label_names(run_dir)
     names = saved or label_names([r.label for r in train_rows])
     train_ids = label_ids(train_rows, names, f"the run's {LABELS_FILE}" if saved else "the training data")
