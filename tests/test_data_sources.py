@@ -25,11 +25,14 @@ def test_all_formats_give_the_same_rows(tmp_path):
         w.writeheader()
         w.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "a.parquet")
-    for path in (jsonl, str(csv_path), str(tmp_path / "a.parquet")):
+    array = write(tmp_path / "b.json", json.dumps(rows, indent=1).encode())
+    for path in (jsonl, str(csv_path), str(tmp_path / "a.parquet"), array):
         got = list(RecordReader("error", ("body", "y")).read(path))
         assert [{k: r[k] for k in ("body", "y")} for r in got] == rows, path
     txt = write(tmp_path / "a.txt", b"para one\nline two\n\n\npara two\n")
     assert [r["body"] for r in read_records(txt, "body")] == ["para one\nline two", "\npara two\n"]
+    with pytest.raises(DataError, match=r"c.json: not a valid JSON array of objects \(Expecting"):
+        list(read_records(write(tmp_path / "c.json", b'[{"text": "a"}, oops]')))
     assert files_for(str(tmp_path / "a.*")) == sorted(
         str(tmp_path / f"a.{e}") for e in ("csv", "jsonl", "parquet", "txt"))
 

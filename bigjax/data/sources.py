@@ -100,7 +100,7 @@ class RecordReader:
         if os.path.getsize(path) == 0:
             raise DataError(f"{path}: file is empty")
         ext = os.path.splitext(path)[1].lower()
-        reader = {".jsonl": self._jsonl, ".json": self._jsonl, ".csv": self._csv,
+        reader = {".jsonl": self._jsonl, ".json": self._json, ".csv": self._csv,
                   ".tsv": self._csv, ".parquet": self._parquet}.get(ext, self._text)
         n = 0
         for row in reader(path):
@@ -147,6 +147,26 @@ class RecordReader:
                 continue
             self.row = i
             yield row
+
+    def _json(self, path: str) -> Iterator[dict]:
+        """A .json file is either one array of objects or JSON lines."""
+        with open(path, "rb") as fh:
+            if fh.read(64).lstrip()[:1] != b"[":
+                yield from self._jsonl(path)
+                return
+        try:
+            with open(path, encoding="utf-8") as fh:
+                rows = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:  # one document: no row to skip
+            raise DataError(f"{path}: not a valid JSON array of objects ({e})")
+        for i, row in enumerate(rows, 1):
+            if not isinstance(row, dict):
+                self._bad(path, i, f"not a JSON object (got {type(row).__name__})")
+            elif missing := [f for f in self.fields if f not in row]:
+                self._bad(path, i, f"missing field '{missing[0]}' (has: {', '.join(row)})")
+            else:
+                self.row = i
+                yield row
 
     def _csv(self, path: str) -> Iterator[dict]:
         delim = "\t" if path.lower().endswith(".tsv") else ","
