@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from bigjax.config import load_config
 from bigjax.data.pipeline import build_data
-from bigjax.data.sources import tfds_records
+from bigjax.data.tfds_source import tfds_records
 from bigjax.errors import DataError
 
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from bigjax.config import Config
 from bigjax.data.lm import PackedWindows, PaddedDocs, TokenStream
-from bigjax.data.sources import ReadStats, RecordReader, files_for, tfds_records
+from bigjax.data.sources import ReadStats, RecordReader, files_for
+from bigjax.data.tfds_source import tfds_records
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
 from bigjax.errors import DataError
 
