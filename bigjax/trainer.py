@@ -274,8 +274,8 @@ class Trainer:
             if not preempted:
                 last = self.evaluate()
                 report.log({"step": step, **last})
-                report.message(f"step {step}: eval_loss {last['eval_loss']:.4f} "
-                               f"eval_perplexity {last.get('eval_perplexity', float('nan')):.2f}")
+                # every metric of the task (perplexity for LMs, accuracy and macro F1 for classifiers)
+                report.message(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
             if step not in self.checkpointer.all_steps():
                 self.checkpointer.save(step, state, loader.state(), self._meta(step),
                                        metrics=None if preempted else last, force=True)

@@ -152,6 +152,10 @@ def split_rows(cfg: Config) -> tuple[list[Row], list[Row], dict[str, Any]]:
             skipped[reason] = skipped.get(reason, 0) + n
     else:
         train_rows, val_rows = split_docs(rows, d.val_fraction, cfg.seed)
+        # files are often sorted by label: a shuffled order makes `train.eval_batches` (a prefix of
+        # the split) a fair sample instead of one class
+        order = np.random.default_rng([cfg.seed, 1]).permutation(len(val_rows))
+        val_rows = [val_rows[i] for i in order]
     if not train_rows or not val_rows:
         raise DataError(f"{len(train_rows)} training and {len(val_rows)} validation rows; both "
                         "need at least one (data.val_fraction or data.eval_split)")
