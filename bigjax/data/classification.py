@@ -41,8 +41,7 @@ def read_rows(cfg: Config, source: str, fields: Sequence[str]) -> tuple[list[dic
         reader = RecordReader(cfg.data.on_bad_rows, fields)
         for row in reader.read(path):
             rows.append(row)
-            # the reader counts kept and skipped rows, so their sum is this row's number
-            where.append(f"{path}: row {reader.stats.rows + reader.stats.skipped_total}")
+            where.append(f"{path}: row {reader.row}")  # numbered as in the reader's own errors
         for reason, n in reader.stats.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
     return rows, where, skipped
