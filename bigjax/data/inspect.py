@@ -40,8 +40,9 @@ def measure_throughput(source: Any, batch: int, cfg: Config, seconds: float) -> 
     """Examples/s and tokens/s of the loader (one process, no device transfer) over `seconds`."""
     loader = TrainLoader(source, batch, seed=cfg.seed, shuffle=cfg.data.shuffle, sharding=None,
                          workers=cfg.data.workers, threads=cfg.data.threads)
+    next(loader)  # waits for start-up (threads, worker processes), which is not throughput
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 5:  # start-up (threads, workers) is not throughput
+    while time.perf_counter() - t0 < seconds / 5:  # then fill the prefetch buffers
         next(loader)
     examples = tokens = 0
     t0 = time.perf_counter()
@@ -55,6 +56,7 @@ def measure_throughput(source: Any, batch: int, cfg: Config, seconds: float) -> 
         else:
             tokens += int(np.prod(b["inputs"].shape))
     dt = time.perf_counter() - t0
+    loader.close()
     return {"examples_per_s": examples / dt, "tokens_per_s": tokens / dt, "seconds": dt}
 
 

