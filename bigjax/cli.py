@@ -173,7 +173,13 @@ COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
-    sys.exit(run(argv))
+    code = run(argv)
+    if code == 130:
+        # Interrupted (a second signal aborts at once): don't wait for orbax's background save
+        # threads, whose unfinished tmp dir resume ignores, nor print their shutdown tracebacks.
+        sys.stdout.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -187,6 +193,10 @@ def run(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"bigjax: interrupted: {e}", file=sys.stderr, flush=True)
         return 130
+    except Exception as e:
+        from bigjax.distributed import exit_if_peer_lost
+        exit_if_peer_lost(e)  # on a cluster: one line and exit now, not a wait for a dead peer
+        raise
 
 
 if __name__ == "__main__":
