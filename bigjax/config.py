@@ -112,7 +112,9 @@ class MeshConfig:
     data: int = -1  # -1 = all devices left over
     fsdp: int = 1
     tensor: int = 1
-    dcn_data: int = 1  # data parallelism across hosts/slices; the other axes stay inside one
+    # data parallelism across hosts/slices; the other axes stay inside one (mesh.data then
+    # counts per host), so only the gradient reduction crosses the slow network
+    dcn_data: int = 1
 
 
 DEFAULT_RULES: list[list[Any]] = [
@@ -155,10 +157,10 @@ class InitConfig:
 
 @dataclass
 class DistributedConfig:
-    coordinator: str = ""  # host:port; "" = detect from the environment
-    num_processes: int = 0
-    process_id: int = -1
-    timeout_s: int = 300  # how long to wait for a missing process before failing
+    coordinator: str = ""  # host:port of process 0; "" = from the environment; auto = JAX detects
+    num_processes: int = 0  # 0 = from the environment (BIGJAX_NUM_PROCESSES, SLURM, ...)
+    process_id: int = -1  # -1 = from the environment
+    timeout_s: int = 300  # longest wait for a process that never joins or died (join, heartbeat)
 
 
 @dataclass
@@ -308,6 +310,7 @@ def validate(cfg: Config) -> None:
         "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
         "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
         "model.d_ff": m.d_ff, "checkpoint.keep": cfg.checkpoint.keep,
+        "distributed.timeout_s": cfg.distributed.timeout_s,
         "checkpoint.keep_best": cfg.checkpoint.keep_best,
     }
     if cfg.checkpoint.every < 0:

@@ -210,3 +210,18 @@ def agree(name: str, value: str, timeout_s: int) -> str:
             f"distributed: process {jax.process_index()} sees {name}={value} but process 0 sees "
             f"{theirs}; all processes must share run.dir on the same storage")
     return theirs
+
+
+def exit_if_peer_lost(e: BaseException) -> None:
+    """On several processes, end at once with one line when a JAX runtime error escapes.
+
+    Mostly it is a collective whose peer died. Exiting normally would first wait in JAX's shutdown
+    barrier for that peer (distributed.timeout_s) and then abort with a C++ stack trace.
+    """
+    if not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
+        return
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    print(f"bigjax: error: distributed: process {jax.process_index()} of {jax.process_count()}: "
+          f"a computation across processes failed, most likely because another process died "
+          f"(see its log): {first}", file=sys.stderr, flush=True)
+    os._exit(1)

@@ -190,3 +190,10 @@ def test_dcn_data_keeps_fsdp_and_tensor_inside_a_host():
 def test_single_process_helpers_are_no_ops():
     distributed.barrier("nothing", timeout_s=1)
     assert distributed.agree("resume_step", "7", timeout_s=1) == "7"
+
+
+def test_timeout_must_be_positive():
+    from bigjax.config import load_config
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["distributed.timeout_s=0"])
+    assert str(e.value) == "distributed.timeout_s must be at least 1, got 0"

@@ -1,0 +1,217 @@
+"""Several real processes on this machine, joined by JAX's coordinator on localhost.
+
+Two processes with 4 simulated devices each train like one process with 8; a run whose process dies
+ends within distributed.timeout_s and resumes; SLURM and JobSet variables place real processes.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "gpt_tiny.yaml")
+LOCAL = os.path.join(ROOT, "launch", "local.sh")
+STEPS, EVERY, TIMEOUT_S = 16, 8, 20
+TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
+        "model.max_seq_len=32", "data.vocab_size=512", "data.max_chars=60000", "train.seq_len=32",
+        "train.batch_size=16", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0",
+        "train.eval_batches=2", "train.progress=false", "train.peak_tflops=1",
+        "optimizer.warmup_steps=0", f"checkpoint.every={EVERY}", "checkpoint.keep=10",
+        f"distributed.timeout_s={TIMEOUT_S}"]
+TWO = TINY + ["mesh.dcn_data=2"]  # one host = one process here: data parallelism across them
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Every run here compiles the same small programs: JAX's persistent cache compiles each once.
+JIT_CACHE = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def clean_env(devices: int | None, **extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("BIGJAX_", "SLURM_", "JOB", "TPU_", "XLA_FLAGS"))}
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}" if devices else ""
+    env.update(JAX_PLATFORMS="cpu", PYTHON=sys.executable, **JIT_CACHE, **extra)
+    return env
+
+
+def train_cmd(run_dir, overrides) -> list[str]:
+    return [sys.executable, "-u", "-m", "bigjax.cli", "train", CONFIG, *overrides,
+            f"run.dir={run_dir}"]
+
+
+def local_sh(run_dir, log_dir, cache) -> subprocess.Popen:
+    # XLA_FLAGS without a device count: local.sh gives each process its default 4
+    return subprocess.Popen(["bash", LOCAL, "2", CONFIG, *TWO, f"run.dir={run_dir}"],
+                            env=clean_env(None, BIGJAX_LOG_DIR=str(log_dir),
+                                          JAX_COMPILATION_CACHE_DIR=str(cache)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def slurm_task(run_dir, task: int, port: int, log, cache) -> subprocess.Popen:
+    """One `srun` task as SLURM would start it: two tasks on this node."""
+    env = clean_env(4, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                    SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_STEP_NUM_NODES="1",
+                    BIGJAX_COORDINATOR_PORT=str(port), JAX_COMPILATION_CACHE_DIR=str(cache))
+    return subprocess.Popen(train_cmd(run_dir, TWO), env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, what: str, timeout: float = 400) -> str:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"{what} failed ({proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+def losses(run_dir) -> dict[int, dict]:
+    """The last row logged for each step (a resumed run appends)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        rows = [json.loads(line) for line in fh]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+def committed_steps(run_dir) -> list[int]:
+    ckpts = os.path.join(run_dir, "checkpoints")
+    return sorted(int(n) for n in os.listdir(ckpts) if n.isdigit()) if os.path.isdir(ckpts) else []
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process with 8 devices and `local.sh 2` with 4 each, side by side."""
+    base = tmp_path_factory.mktemp("multihost")
+    one = subprocess.Popen(train_cmd(base / "one", TINY),
+                           env=clean_env(8, JAX_COMPILATION_CACHE_DIR=str(base / "jit_cache")),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    two = local_sh(base / "two", base / "two_logs", base / "jit_cache")
+    return {"base": base, "one_out": finish(one, "one process"), "two_out": finish(two, "local.sh 2")}
+
+
+def test_two_processes_train_like_one(reference):
+    base = reference["base"]
+    one, two = losses(base / "one"), losses(base / "two")
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert abs(one[step]["loss"] - two[step]["loss"]) < 1e-5, step
+    assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in reference["one_out"]
+    assert "mesh {'data': 8, 'fsdp': 1, 'tensor': 1}" in reference["two_out"]
+    eval_one = float(reference["one_out"].split("eval_loss=")[1].split()[0])
+    eval_two = float(reference["two_out"].split("eval_loss=")[1].split()[0])
+    assert abs(eval_one - eval_two) < 1e-4  # printed with 4 decimals
+
+
+def test_only_process_zero_reports(reference):
+    logs = reference["base"] / "two_logs"
+    p0, p1 = (logs / "process-0.log").read_text(), (logs / "process-1.log").read_text()
+    assert "eval_loss=" in p0 and "model:" in p0
+    assert "eval_loss" not in p1 and "model:" not in p1 and "Traceback" not in p1
+    with open(reference["base"] / "two" / "metrics.jsonl") as fh:
+        steps = [json.loads(line)["step"] for line in fh]
+    assert steps == [0, *range(1, STEPS + 1), STEPS]  # eval at 0, train steps, final eval
+
+
+@pytest.fixture(scope="module")
+def killed(reference, tmp_path_factory):
+    """A SLURM-style 2-task run whose task 1 is killed after the first checkpoint, then rerun."""
+    base, cache = tmp_path_factory.mktemp("killed"), reference["base"] / "jit_cache"
+    run_dir, port = base / "run", free_port()
+    # the same data as the reference run: start from its tokenizer rather than train another
+    shutil.copytree(reference["base"] / "two" / "tokenizer", run_dir / "tokenizer")
+    with open(base / "task0.log", "w") as log0, open(base / "task1.log", "w") as log1:
+        tasks = [slurm_task(run_dir, i, port, log, cache) for i, log in enumerate((log0, log1))]
+        deadline = time.time() + 400
+        while not committed_steps(run_dir) and time.time() < deadline:
+            assert tasks[0].poll() is None and tasks[1].poll() is None, "a task ended early"
+            time.sleep(0.05)
+        tasks[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        rc0 = tasks[0].wait(timeout=TIMEOUT_S + 60)
+        survivor_s = time.time() - killed_at
+        tasks[1].wait()
+    complete = committed_steps(run_dir)
+    port = free_port()  # the same command again (a fresh port: the old one may linger)
+    with open(base / "rerun0.log", "w") as log0, open(base / "rerun1.log", "w") as log1:
+        rerun = [slurm_task(run_dir, i, port, log, cache) for i, log in enumerate((log0, log1))]
+        rcs = [t.wait(timeout=400) for t in rerun]
+    return {"run_dir": run_dir, "rc0": rc0, "survivor_s": survivor_s, "complete": complete,
+            "log0": (base / "task0.log").read_text(), "rerun_rcs": rcs,
+            "rerun0": (base / "rerun0.log").read_text(), "rerun1": (base / "rerun1.log").read_text()}
+
+
+def test_a_dead_process_ends_the_others_within_the_timeout(killed):
+    assert killed["rc0"] != 0
+    # JAX's heartbeat names the dead task; a collective that saw the peer go first says so in one line
+    assert ("another task died" in killed["log0"]
+            or "most likely because another process died" in killed["log0"]), killed["log0"][-2000:]
+    assert killed["survivor_s"] < TIMEOUT_S, killed["log0"][-2000:]
+    assert 0 < killed["complete"][-1] < STEPS  # killed in the middle, after a checkpoint
+
+
+def test_rerun_resumes_from_the_last_complete_checkpoint(killed, reference):
+    assert killed["rerun_rcs"] == [0, 0], killed["rerun0"][-3000:] + killed["rerun1"][-3000:]
+    last = killed["complete"][-1]
+    assert f"resumed from step {last} " in killed["rerun0"]
+    resumed, ref = losses(killed["run_dir"]), losses(reference["base"] / "two")
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):  # before the kill and after the resume alike
+        assert abs(resumed[step]["loss"] - ref[step]["loss"]) < 1e-5, step
+    assert committed_steps(killed["run_dir"])[-1] == STEPS
+
+
+PROBE = """
+import json, jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from bigjax import distributed
+from bigjax.config import DistributedConfig, MeshConfig
+from bigjax.mesh import make_mesh
+cluster = distributed.initialize(DistributedConfig(timeout_s=%d))
+mesh = make_mesh(MeshConfig(dcn_data=2, fsdp=2))
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(("data", "fsdp"))),
+                                           np.full(4, jax.process_index() + 1.0, np.float32))
+total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
+print(json.dumps({"source": cluster.source, "process": jax.process_index(),
+                  "processes": jax.process_count(), "devices": jax.device_count(),
+                  "layout": [[d.process_index for d in row.ravel()] for row in mesh.devices],
+                  "sum": float(total)}))
+"""
+
+
+def test_jobset_variables_place_real_processes():
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", PROBE % 60], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=clean_env(4, JOBSET_NAME="bigjax", JOB_COMPLETION_INDEX=str(i),
+                                            BIGJAX_NUM_PROCESSES="2",
+                                            # pod 0's DNS name exists only in the cluster
+                                            BIGJAX_COORDINATOR=f"localhost:{port}"))
+             for i in (1, 0)]
+    outs = [json.loads(finish(p, "probe", timeout=200).strip().splitlines()[-1]) for p in procs]
+    layout = [[0, 0], [0, 0], [1, 1], [1, 1]]  # dcn_data=2: each fsdp pair inside one process
+    assert outs == [{"source": "JobSet variables", "process": i, "processes": 2, "devices": 8,
+                     "layout": layout, "sum": 12.0} for i in (1, 0)]
+
+
+def test_a_process_that_never_joins_ends_the_wait():
+    port, timeout_s = free_port(), 3
+    start = time.time()
+    out = subprocess.run([sys.executable, "-c", PROBE % timeout_s], capture_output=True, text=True,
+                         env=clean_env(4, BIGJAX_COORDINATOR=f"localhost:{port}",
+                                       BIGJAX_NUM_PROCESSES="2", BIGJAX_PROCESS_ID="0"),
+                         timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"bigjax: error: distributed: process 0 of 2 waited distributed.timeout_s={timeout_s} s "
+        f"for all processes to join the coordinator at localhost:{port} (distributed.* config "
+        "keys or BIGJAX_* variables); check that every process was started and can reach that "
+        "address")
+    assert time.time() - start < 60  # start-up included; JAX's own timeout would abort (rc 134)
