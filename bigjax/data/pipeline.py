@@ -55,11 +55,16 @@ def read_texts(cfg: Config, which: str = "train") -> tuple[list[str], ReadStats]
         from bigjax.data.corpus import python_docs
         if src != "builtin:pydocs":
             raise DataError(f"data.source: unknown builtin corpus '{src}' (known: builtin:pydocs)")
-        docs = python_docs(cfg.data.max_chars) if which == "train" else []
+        if which == "eval":
+            if cfg.data.eval_split:
+                raise DataError(f"data.eval_split: {src} has no splits; leave it empty and set "
+                                "data.val_fraction")
+            return [], ReadStats()
+        docs = python_docs(cfg.data.max_chars)
         return docs, ReadStats(rows=len(docs))
     field = cfg.data.text_field
     rows, stats = load_rows(cfg, which, (field,))
-    texts = [str(rows[i][field]) for i in range(len(rows))]
+    texts = [str(row[field]) for row in rows]
     if which == "train" and not any(t.strip() for t in texts):
         raise DataError(f"data.source: '{src}' holds no text in field '{field}' (data.text_field)")
     return texts, stats
