@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,17 @@ from bigjax.config import CheckpointConfig
 from bigjax.errors import CheckpointError
 
 log = logging.getLogger("bigjax")
+
+
+class _NoOrbaxTracebacks(logging.Filter):
+    """orbax logs a failed save with its traceback and then re-raises the error to us, which
+    reports it as one line; the logged copy would bury that line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
 
 ITEMS = ("state", "data", "meta")
 # Files every finished checkpoint has; a step dir without one of them was cut short or damaged.
@@ -122,11 +134,16 @@ class Checkpointer:
             raise self._write_error(None, e) from e
 
     def _write_error(self, step: int | None, e: BaseException) -> CheckpointError:
-        what = f"step {step}" if step is not None else "a checkpoint"
-        kept = [s for s in self.all_steps()]
+        # An async save fails in its thread and surfaces at the next call, so name no step.
+        kept = [c.step for c in list_checkpoints(os.path.dirname(self.directory)) if c.complete]
+        reason = _first_line(e)
+        code = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore hides errno at the end
+        if code:
+            reason = f"{os.strerror(int(code.group(1)))} ({reason[:200]})"
         return CheckpointError(
-            f"could not write {what} to {self.directory}: {_first_line(e)}; earlier checkpoints "
-            f"(steps {kept or 'none'}) are untouched; free space or fix permissions, then resume")
+            f"writing a checkpoint to {self.directory} failed: {reason}; the complete "
+            f"checkpoints (steps {kept or 'none'}) are untouched; free space or fix permissions, "
+            f"then run again to resume")
 
     def restore(self, step: int, abstract_state: Any) -> Restored:
         """`abstract_state`: ShapeDtypeStructs with the target shardings (this reshards)."""

@@ -174,10 +174,12 @@ COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoint
 
 def main(argv: list[str] | None = None) -> None:
     code = run(argv)
-    if code == 130:
-        # Interrupted (a second signal aborts at once): don't wait for orbax's background save
-        # threads, whose unfinished tmp dir resume ignores, nor print their shutdown tracebacks.
+    if code in (2, 130):
+        # An error or a second signal: the trainer has already let any good save finish. Don't
+        # wait for orbax's remaining threads (an unfinished tmp dir is ignored on resume), nor
+        # let tensorstore print tracebacks of a failed write into closed event loops at exit.
         sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
 

@@ -283,6 +283,14 @@ class Trainer:
             if preempted:
                 report.message(f"stopped by signal at step {step}; checkpoint complete in "
                                f"{self.checkpointer.directory}/{step}; run the same command to resume")
+        except (CheckpointError, KeyboardInterrupt):
+            raise  # a failed write, or a second signal: nothing in flight worth waiting for
+        except Exception:
+            try:  # a save in flight is still good: let it complete before the error ends the run
+                self.checkpointer.wait()
+            except CheckpointError:
+                pass
+            raise
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -309,3 +310,29 @@ def test_read_only_checkpoint_dir_is_a_clear_error_and_keeps_checkpoints(tmp_pat
     assert snapshot(run_dir) == before
     for root, dirs, files in os.walk(ckpt):
         os.chmod(root, 0o755)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_complete_checkpoint(tmp_path, cache_dir,
+                                                                      reference, tokenizer):
+    # checkpoints/ is an 8 MB tmpfs in a private mount namespace, filled up as soon as step 10 is
+    # complete; the step 20 save fails. The tmpfs dies with the namespace, so copy it out inside.
+    run_dir = str(tmp_path / "run")
+    ckpt = os.path.join(run_dir, "checkpoints")
+    os.makedirs(ckpt)
+    script = (f"mount -t tmpfs -o size=8m tmpfs {ckpt} || exit 99; "
+              f"{shlex.join(_cmd(run_dir, [], tokenizer))} & pid=$!; "
+              f"while [ ! -d {ckpt}/10 ]; do sleep 0.02; done; "
+              f"dd if=/dev/zero of={ckpt}/.filler bs=64k 2>/dev/null; "
+              f"wait $pid; rc=$?; rm {ckpt}/.filler; cp -r {ckpt} {run_dir}/after; exit $rc")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=ROOT, env=_env(cache_dir),
+                          capture_output=True, text=True, timeout=600)
+    assert_one_line_error(proc, f"writing a checkpoint to {ckpt} failed: ")
+    assert "No space left on" in proc.stderr.splitlines()[-1]  # orbax's or tensorstore's words
+    assert proc.stderr.rstrip().endswith(
+        "; the complete checkpoints (steps [10]) are untouched; free space or fix permissions, "
+        "then run again to resume")
+    after = os.path.join(run_dir, "after")
+    assert [n for n in os.listdir(after) if n.isdigit()] == ["10"]
+    got, want = read_state(os.path.join(after, "10")), read_state(os.path.join(reference, "checkpoints", "10"))
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
