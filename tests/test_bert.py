@@ -141,3 +141,13 @@ def test_cpu_chunked_attention_equals_one_block(monkeypatch, n_kv, dropout):
         return
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 512), (64, 511)])
+def test_dropout_from_16_bit_draws_is_unbiased(shape):
+    x = jnp.ones(shape, jnp.float32)
+    y = np.asarray(layers.dropout(x, 0.1, jax.random.key(3)))
+    assert abs((y == 0).mean() - 0.1) < 0.005
+    assert abs(y.mean() - 1.0) < 0.006
+    assert set(np.unique(y)) == {0.0, np.float32(65536 / (65536 - 6554))}
+    np.testing.assert_array_equal(np.asarray(layers.dropout(x, 0.1, jax.random.key(3))), y)
