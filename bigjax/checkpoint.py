@@ -113,12 +113,17 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_state: dict, meta: dict,
-             metrics: dict[str, float] | None = None, force: bool = False) -> bool:
-        if metrics is not None and self.best_metric and self.best_metric not in metrics:
+    def check_metrics(self, metrics: dict[str, float]) -> None:
+        """keep_best_metric must be one of the evaluation's metrics."""
+        if self.best_metric and self.best_metric not in metrics:
             raise CheckpointError(
                 f"checkpoint.keep_best_metric='{self.best_metric}' is not an evaluation metric "
                 f"(available: {', '.join(sorted(metrics))})")
+
+    def save(self, step: int, state: Any, data_state: dict, meta: dict,
+             metrics: dict[str, float] | None = None, force: bool = False) -> bool:
+        if metrics is not None:
+            self.check_metrics(metrics)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=ocp.args.JsonSave(data_state),
                                   meta=ocp.args.JsonSave(meta))

@@ -237,6 +237,7 @@ class Trainer:
             last = self.evaluate()
             report.log({"step": 0, **last})
             report.message(f"step 0: eval_loss {last['eval_loss']:.4f}")
+            self.checkpointer.check_metrics(last)  # a wrong keep_best_metric fails now, not later
 
         handlers = self._install_signal_handlers()
         pending: tuple[int, Any] | None = None

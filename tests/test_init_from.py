@@ -130,3 +130,13 @@ def test_model_diff_ignores_keys_that_leave_parameters_alone():
     now = {"d_model": 64, "n_layers": 1, "dropout": 0.1, "dtype": "bfloat16", "mlp": "swiglu"}
     assert model_config_diff(saved, now) == [
         "model.d_model (checkpoint 32, config 64)", "model.mlp (checkpoint 'gelu', config 'swiglu')"]
+
+
+def test_keep_best_metric_must_be_an_eval_metric(tmp_path):
+    cfg = load_config(None, ["checkpoint.keep_best_metric=eval_bleu"])
+    ckpt = Checkpointer(str(tmp_path), cfg.checkpoint)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.check_metrics({"eval_loss": 1.0, "eval_accuracy": 0.5})
+    assert str(e.value) == ("checkpoint.keep_best_metric='eval_bleu' is not an evaluation metric "
+                            "(available: eval_accuracy, eval_loss)")
+    ckpt.close()
