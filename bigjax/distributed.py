@@ -147,7 +147,8 @@ class _JoinWatchdog:
         if self._done.wait(self._timeout_s):
             return
         c = self._cluster
-        print(f"bigjax: error: distributed: process {c.process_id} of {c.num_processes} waited "
+        who = f"process {c.process_id} of {c.num_processes}" if c.num_processes else "this process"
+        print(f"bigjax: error: distributed: {who} waited "
               f"distributed.timeout_s={self._timeout_s} s for all processes to join the "
               f"coordinator at {c.coordinator or 'the detected address'} ({c.source}); check that "
               "every process was started and can reach that address", file=sys.stderr, flush=True)
@@ -181,6 +182,15 @@ def initialize(cfg: DistributedConfig) -> Cluster | None:
     return cluster
 
 
+_calls = 0  # every process makes the same calls in the same order: a fresh key for each
+
+
+def _key(kind: str, name: str) -> str:
+    global _calls
+    _calls += 1
+    return f"bigjax/{kind}/{name}/{_calls}"
+
+
 def _client():
     from jax._src import distributed as jax_distributed  # orbax reaches the client the same way
     return jax_distributed.global_state.client
@@ -190,7 +200,7 @@ def barrier(name: str, timeout_s: int) -> None:
     """Every process waits here until all have arrived; a no-op for one process."""
     if jax.process_count() == 1:
         return
-    _client().wait_at_barrier(f"bigjax/{name}", timeout_s * 1000)
+    _client().wait_at_barrier(_key("barrier", name), timeout_s * 1000)
 
 
 def agree(name: str, value: str, timeout_s: int) -> str:
@@ -200,7 +210,7 @@ def agree(name: str, value: str, timeout_s: int) -> str:
     """
     if jax.process_count() == 1:
         return value
-    key = f"bigjax/agree/{name}"
+    key = _key("agree", name)
     if jax.process_index() == 0:
         _client().key_value_set(key, value)
         return value

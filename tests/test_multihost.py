@@ -20,12 +20,12 @@ CONFIG = os.path.join(ROOT, "configs", "gpt_tiny.yaml")
 LOCAL = os.path.join(ROOT, "launch", "local.sh")
 STEPS, EVERY, TIMEOUT_S = 16, 8, 20
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-        "model.max_seq_len=32", "data.vocab_size=512", "data.max_chars=60000", "train.seq_len=32",
+        "model.max_seq_len=32", "data.vocab_size=512", "data.max_chars=40000", "train.seq_len=32",
         "train.batch_size=16", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0",
-        "train.eval_batches=2", "train.progress=false", "train.peak_tflops=1",
-        "optimizer.warmup_steps=0", f"checkpoint.every={EVERY}", "checkpoint.keep=10",
-        f"distributed.timeout_s={TIMEOUT_S}"]
+        "train.eval_batches=1", "train.progress=false", "train.peak_tflops=1",
+        "optimizer.warmup_steps=0", f"distributed.timeout_s={TIMEOUT_S}"]
 TWO = TINY + ["mesh.dcn_data=2"]  # one host = one process here: data parallelism across them
+KILLED = TWO + [f"checkpoint.every={EVERY}"]  # saving changes no loss
 
 
 def free_port() -> int:
@@ -65,7 +65,8 @@ def slurm_task(run_dir, task: int, port: int, log, cache) -> subprocess.Popen:
     env = clean_env(4, SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                     SLURM_PROCID=str(task), SLURM_LOCALID=str(task), SLURM_STEP_NUM_NODES="1",
                     BIGJAX_COORDINATOR_PORT=str(port), JAX_COMPILATION_CACHE_DIR=str(cache))
-    return subprocess.Popen(train_cmd(run_dir, TWO), env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(train_cmd(run_dir, KILLED), env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
 
 
 def finish(proc: subprocess.Popen, what: str, timeout: float = 400) -> str:
@@ -179,10 +180,15 @@ mesh = make_mesh(MeshConfig(dcn_data=2, fsdp=2))
 x = jax.make_array_from_process_local_data(NamedSharding(mesh, P(("data", "fsdp"))),
                                            np.full(4, jax.process_index() + 1.0, np.float32))
 total = jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
+distributed.barrier("probe", timeout_s=60)
+try:  # as if the processes saw different newest checkpoints
+    agreed = distributed.agree("resume_step", str(5 + jax.process_index()), timeout_s=60)
+except distributed.DistributedError as e:
+    agreed = str(e)
 print(json.dumps({"source": cluster.source, "process": jax.process_index(),
                   "processes": jax.process_count(), "devices": jax.device_count(),
                   "layout": [[d.process_index for d in row.ravel()] for row in mesh.devices],
-                  "sum": float(total)}))
+                  "sum": float(total), "agreed": agreed}))
 """
 
 
@@ -197,8 +203,11 @@ def test_jobset_variables_place_real_processes():
              for i in (1, 0)]
     outs = [json.loads(finish(p, "probe", timeout=200).strip().splitlines()[-1]) for p in procs]
     layout = [[0, 0], [0, 0], [1, 1], [1, 1]]  # dcn_data=2: each fsdp pair inside one process
+    disagree = ("distributed: process 1 sees resume_step=6 but process 0 sees 5; all processes "
+                "must share run.dir on the same storage")
     assert outs == [{"source": "JobSet variables", "process": i, "processes": 2, "devices": 8,
-                     "layout": layout, "sum": 12.0} for i in (1, 0)]
+                     "layout": layout, "sum": 12.0, "agreed": agreed}
+                    for i, agreed in ((1, disagree), (0, "5"))]
 
 
 def test_a_process_that_never_joins_ends_the_wait():
