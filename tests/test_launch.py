@@ -197,3 +197,26 @@ def test_timeout_must_be_positive():
     with pytest.raises(ConfigError) as e:
         load_config(overrides=["distributed.timeout_s=0"])
     assert str(e.value) == "distributed.timeout_s must be at least 1, got 0"
+
+
+def test_local_sh_gives_each_process_its_place_and_devices(tmp_path):
+    # stands in for Python: reports the environment local.sh set; process 1 fails with status 3
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+                    'echo "$XLA_FLAGS|$BIGJAX_COORDINATOR|$BIGJAX_NUM_PROCESSES|$BIGJAX_PROCESS_ID|$*"\n'
+                    'exit $((BIGJAX_PROCESS_ID * 3))\n')
+    fake.chmod(0o755)
+    config = os.path.join(ROOT, "configs", "gpt_tiny.yaml")
+    for flags, expected in (("", "--xla_force_host_platform_device_count=4"),
+                            ("--xla_force_host_platform_device_count=2 --xla_foo",
+                             "--xla_force_host_platform_device_count=2 --xla_foo")):
+        logs = tmp_path / f"logs{len(flags)}"
+        env = {**os.environ, "PYTHON": str(fake), "XLA_FLAGS": flags, "BIGJAX_LOG_DIR": str(logs),
+               "BIGJAX_COORDINATOR_PORT": "1234"}
+        out = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "2", config, "a.b=1"],
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 3  # the first non-zero status
+        for i in (0, 1):
+            assert (logs / f"process-{i}.log").read_text() == (
+                f"{expected}|localhost:1234|2|{i}|-u -m bigjax.cli train {config} a.b=1\n")
+        assert out.stdout == (logs / "process-0.log").read_text()  # process 0 on the terminal
