@@ -21,8 +21,14 @@ EOF
 )
 steps() { [ -n "${1:-}" ] && echo "train.steps=$1" || true; }
 SENTENCES=("I love this movie!" "This is a terrible film." "I really enjoyed this film." "What a waste of time.")
-T0=$(date +%s); declare -A SECS
-stage() { local name=$1; shift; local t=$(date +%s); echo "== $name"; "$@"; SECS[$name]=$(( $(date +%s) - t )); }
+T0=$(date +%s); declare -A SECS; ORDER=()
+TIMEFORMAT="   (%R s wall, %U s user + %S s sys CPU)"
+stage() {  # run a step, keep its wall seconds for the summary (not in a pipe: SECS must survive)
+  local name=$1; shift; local t=$(date +%s); echo "== $name"
+  time "$@"
+  SECS[$name]=$(( $(date +%s) - t )); ORDER+=("$name")
+}
+to_file() { local f=$1; shift; "$@" | tee "$f"; }
 
 stage pretrain_mlm $BJ train configs/bert_mini_mlm.yaml run.dir=$RUNS/bert_mini_mlm \
   data.source="$CSV" train.progress=false $(steps "${MLM_STEPS:-}")
@@ -33,13 +39,13 @@ stage finetune_minilm $BJ train configs/minilm_sentiment.yaml run.dir=$RUNS/mini
 
 declare -A ACC F1
 for run in bert_mini_sentiment minilm_sentiment; do
-  stage "eval_$run" $BJ eval $RUNS/$run | tee $RUNS/$run/eval.txt
+  stage "eval_$run" to_file $RUNS/$run/eval.txt $BJ eval $RUNS/$run
   ACC[$run]=$(grep -o 'eval_accuracy=[0-9.]*' $RUNS/$run/eval.txt | cut -d= -f2)
   F1[$run]=$(grep -o 'eval_macro_f1=[0-9.]*' $RUNS/$run/eval.txt | cut -d= -f2)
   stage "predict_$run" $BJ predict $RUNS/$run "${SENTENCES[@]}"
 done
-stage baseline .venv/bin/python scripts/tfidf_baseline.py configs/minilm_sentiment.yaml \
-  data.source="$CSV" | tee $RUNS/baseline.txt
+stage baseline to_file $RUNS/baseline.txt .venv/bin/python scripts/tfidf_baseline.py \
+  configs/minilm_sentiment.yaml data.source="$CSV"
 BASE_ACC=$(grep -o 'eval_accuracy=[0-9.]*' $RUNS/baseline.txt | cut -d= -f2)
 BASE_F1=$(grep -o 'eval_macro_f1=[0-9.]*' $RUNS/baseline.txt | cut -d= -f2)
 
@@ -50,5 +56,5 @@ printf '%-40s %9s %9s\n' "bert_mini (MLM-pretrained here)" "${ACC[bert_mini_sent
 printf '%-40s %9s %9s\n' "MiniLM-L6 (Hugging Face weights)" "${ACC[minilm_sentiment]}" "${F1[minilm_sentiment]}"
 printf '%-40s %9s %9s\n' "TF-IDF + logistic regression" "$BASE_ACC" "$BASE_F1"
 echo
-printf 'seconds:'; for k in "${!SECS[@]}"; do printf ' %s=%s' "$k" "${SECS[$k]}"; done
+printf 'seconds:'; for k in "${ORDER[@]}"; do printf ' %s=%s' "$k" "${SECS[$k]}"; done
 echo; echo "total: $(( $(date +%s) - T0 )) s"
