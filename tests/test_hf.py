@@ -65,6 +65,13 @@ def test_minilm_round_trip_through_cli_convert(minilm, tmp_path):
     cfg, enc, ours = minilm
     run_dir, out = str(tmp_path / "run"), str(tmp_path / "export")
     assert cli.run(["convert", "hf-to-bigjax", MINILM, run_dir]) == 0
+    # init.from accepts the converted run dir and finds the imported weights in it
+    from bigjax.init_from import load_init_params
+    with nnx.use_eager_sharding(False):
+        fresh = nnx.to_pure_dict(nnx.state(create_model(cfg, nnx.Rngs(1)), nnx.Param))
+    got = load_init_params(cfg, run_dir, fresh)
+    np.testing.assert_array_equal(np.asarray(got["layer_5"]["mlp"]["down"]["kernel"]),
+                                  hf.load_params(MINILM, cfg)["layer_5"]["mlp"]["down"]["kernel"])
     assert cli.run(["convert", "bigjax-to-hf", run_dir, out]) == 0
     assert {"config.json", "model.safetensors", "tokenizer.json", "vocab.txt"} <= set(os.listdir(out))
     back = torch_out(transformers.AutoModel.from_pretrained(out), **enc)
