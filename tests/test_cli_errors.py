@@ -41,7 +41,7 @@ def test_indivisible_model_dimension_names_the_parameter(tmp_path, capsys):
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
     err = _err(capsys, f"run.dir={run_dir}", *SMALL, "mesh.data=1", "mesh.tensor=8",
                "model.n_heads=4")
-    assert err.startswith("bigjax: error: parameter 'layer_0/attn/key/bias' dimension 4 is not "
+    assert err.startswith("bigjax: error: parameter 'layer_0/attn/key/kernel' dimension 4 is not "
                           "divisible by mesh axes ('tensor',) of size 8"), err
     assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "loss": 3.0}\n'
     assert not (run_dir / "checkpoints").exists()
