@@ -172,7 +172,8 @@ def initialize(cfg: DistributedConfig) -> Cluster | None:
             # we resolved everything ourselves; JAX's detection would pin one GPU per SLURM task
             cluster_detection_method=None if cluster.coordinator is None else "deactivate",
             initialization_timeout=cfg.timeout_s + 10,  # the watchdog speaks first
-            heartbeat_timeout_seconds=cfg.timeout_s,  # a dead peer ends everyone this fast
+            # a dead peer is noticed after this, and ending everyone fits in timeout_s
+            heartbeat_timeout_seconds=max(2, cfg.timeout_s // 2),
             shutdown_timeout_seconds=cfg.timeout_s)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"distributed: cannot join the runtime ({cluster.source}): "
