@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Sequence
 
 import numpy as np
@@ -70,8 +71,19 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tmp = f"{out_dir}.tmp{os.getpid()}"
     fast.save_pretrained(tmp)
-    os.replace(tmp, out_dir) if not os.path.exists(out_dir) else None
+    _publish(tmp, out_dir)
     return load_tokenizer(out_dir)
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Move a finished dir into place; if another process got there first (same content: the
+    vocabulary is deterministic), keep theirs."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _init_source_dir(init_from: str) -> str | None:
@@ -107,7 +119,7 @@ def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
                         "token; a BERT task needs a BERT-style (WordPiece) tokenizer")
     tmp = f"{own}.tmp{os.getpid()}"
     tok.save_pretrained(tmp)
-    os.replace(tmp, own) if not os.path.exists(own) else None
+    _publish(tmp, own)
     return tok
 
 
