@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,21 @@ class _NoOrbaxTracebacks(logging.Filter):
 
 
 logging.getLogger("absl").addFilter(_NoOrbaxTracebacks())
+
+
+def _quiet_closed_loop_hook(previous):
+    """After a failed async write, tensorstore completes the save's other futures by calling
+    `loop.call_soon_threadsafe` on orbax's already closed event loop; each RuntimeError is printed
+    as "unraisable" (a traceback per future) although nothing is lost: the error that matters
+    reaches us and becomes one line. Only that exact error is silenced."""
+    def hook(args):
+        if args.exc_type is RuntimeError and str(args.exc_value) == "Event loop is closed":
+            return
+        previous(args)
+    return hook
+
+
+sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
 
 ITEMS = ("state", "data", "meta")
 # Files every finished checkpoint has; a step dir without one of them was cut short or damaged.

@@ -19,12 +19,15 @@ from bigjax.optim import make_optimizer
 from bigjax.state import init_state, model_spec, state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Everything explicit: no shared config file that may change under us.
 TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_ff=64",
-        "model.vocab_size=256", "model.max_seq_len=32", "train.seq_len=32", "train.steps=10"]
+        "model.vocab_size=256", "model.max_seq_len=32", "model.positions=learned",
+        "model.norm=layernorm", "model.mlp=gelu_tanh", "model.use_bias=true",
+        "model.tie_embeddings=true", "train.seq_len=32", "train.steps=10", "optimizer.name=adamw"]
 
 
 def build(overrides: list[str]):
-    cfg = load_config(os.path.join(ROOT, "configs/gpt_tiny.yaml"), TINY + overrides)
+    cfg = load_config(None, TINY + overrides)
     mesh = mesh_lib.make_mesh(cfg.mesh)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
     abstract, shardings = state_shardings(cfg, model_spec(cfg), tx, mesh)
