@@ -106,7 +106,6 @@ class Restored:
 class Checkpointer:
     def __init__(self, run_dir: str, cfg: CheckpointConfig):
         self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
-        _probe_writable(self.directory)
         keep: list[policies.PreservationPolicy] = [policies.LatestN(n=cfg.keep)]
         if cfg.keep_best_metric:
             metric = cfg.keep_best_metric
@@ -122,6 +121,10 @@ class Checkpointer:
             preservation_policy=policies.AnyPreservationPolicy(keep))
         self.best_metric = cfg.keep_best_metric
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+
+    def check_writable(self) -> None:
+        """Before training (not on construction: eval, predict and export only read)."""
+        _probe_writable(self.directory)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -242,10 +245,15 @@ class Checkpointer:
             return
         if jax.process_index() == 0:
             aside = self.directory + "_damaged"
-            os.makedirs(aside, exist_ok=True)
             for step in steps:
                 target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-                os.rename(os.path.join(self.directory, str(step)), target)
+                try:
+                    os.makedirs(aside, exist_ok=True)
+                    os.rename(os.path.join(self.directory, str(step)), target)
+                except OSError as e:
+                    raise CheckpointError(
+                        f"cannot move damaged checkpoint step {step} out of {self.directory} "
+                        f"({e.strerror or e}); the run would save that step again over it")
                 log.warning("warning: damaged checkpoint step %d moved to %s", step, target)
         self.manager.reload()
 

@@ -216,6 +216,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
         state = self.init_state()
+        self.checkpointer.check_writable()  # fail now, not at the first save after hours of steps
         start = int(jax.device_get(state.step))
         save_config(cfg, os.path.join(self.run_dir, "config.yaml")) if jax.process_index() == 0 else None
         loader = TrainLoader(self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
