@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -143,3 +144,20 @@ def test_keep_best_metric_must_be_an_eval_metric(tmp_path):
     assert str(e.value) == ("checkpoint.keep_best_metric='eval_bleu' is not an evaluation metric "
                             "(available: eval_accuracy, eval_loss)")
     ckpt.close()
+
+
+def test_listing_marks_unfinished_and_cut_checkpoints(source, tmp_path, capsys):
+    from bigjax.cli import run
+    run_dir = str(tmp_path / "run")
+    shutil.copytree(source[0], run_dir)
+    ckpt = os.path.join(run_dir, "checkpoints")
+    shutil.copytree(os.path.join(ckpt, "5"), os.path.join(ckpt, "7"))
+    os.remove(os.path.join(ckpt, "7", "meta", "metadata"))
+    os.makedirs(os.path.join(ckpt, "9.orbax-checkpoint-tmp-123", "state"))
+    assert run(["checkpoints", run_dir]) == 0
+    rows = [line.split("  ") for line in capsys.readouterr().out.splitlines()]
+    assert [(r[0].strip(), r[-1].strip()) for r in rows] == [
+        ("step", "status"), ("5", "complete"), ("7", "INCOMPLETE: missing meta/metadata"),
+        ("9", "INCOMPLETE: unfinished save (orbax ignores it)")]
+    assert run(["checkpoints", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"bigjax: error: run dir '{tmp_path}/nope' does not exist\n"
