@@ -7,7 +7,9 @@ Trainer on PyTorch, in one process, with the same hyperparameters and number of 
 Measurements alternate: after every `--chunk` PyTorch steps (a Trainer callback) bigjax runs
 `--chunk` steps, so both see the same machine load; the first chunk of each (compilation, warm-up)
 is not counted. Both use AdamW (lr, weight decay, betas 0.9/0.999, eps 1e-8; no decay on biases and
-LayerNorm weights), linear decay to 0 without warm-up, global-norm clipping at 1.0, dropout 0.1.
+LayerNorm weights), linear decay to 0 without warm-up, global-norm clipping at 1.0, dropout 0.1, and the same initial
+weights (bigjax's, classifier included, exported to PyTorch; the script prints both losses on one
+batch as a check).
 Prints tokens/s of both, the ratio, both validation accuracies, and (if bigjax is slower or with
 --profile) where bigjax's step time goes, from jitted pieces timed alone.
 """
@@ -105,6 +107,12 @@ class BigjaxRun:
             self.state, metrics = self.step(self.state, jax.device_put(batch, self.batch_sharding))
             jax.block_until_ready(self.state)
             self.times.append(time.perf_counter() - t0)
+
+    def mean_loss(self, enc: dict, labels: np.ndarray) -> float:
+        b = {**enc, "labels": labels, "weights": np.ones(len(labels), np.float32)}
+        stats = jax.device_get(self.eval(self.state.params, self.state.model_state,
+                                         jax.device_put(b, self.batch_sharding)))
+        return float(stats["loss_sum"]) / float(stats["weight"])
 
     def accuracy(self, enc: dict, labels: np.ndarray, batch: int) -> float:
         correct = weight = 0.0
@@ -216,7 +224,19 @@ def run_pytorch(args, enc, labels, bj: BigjaxRun, bj_batches):
             self.t_prev = time.perf_counter()
 
     torch.manual_seed(args.seed)
-    model = BertForSequenceClassification.from_pretrained(MINILM, num_labels=len(LABELS))
+    # both start from the same weights, the fresh classifier included: bigjax's exported init
+    start = tempfile.mkdtemp(prefix="bench_start_")
+    from bigjax import hf
+    hf.save_params(jax.device_get(bj.state.params), bj.cfg, start, LABELS)
+    model = BertForSequenceClassification.from_pretrained(start)
+    check = {k: v[:args.batch] for k, v in enc.items()}
+    bj_loss = bj.mean_loss(check, labels[:args.batch])
+    model.eval()
+    with torch.no_grad():
+        pt_loss = float(model(**{k: torch.tensor(v, dtype=torch.long) for k, v in check.items()},
+                              labels=torch.tensor(labels[:args.batch], dtype=torch.long)).loss)
+    print(f"same start: eval-mode loss on one batch, bigjax {bj_loss:.6f}, PyTorch {pt_loss:.6f}",
+          flush=True)
     out = tempfile.mkdtemp(prefix="bench_hf_")
     targs = TrainingArguments(
         output_dir=out, per_device_train_batch_size=args.batch, learning_rate=args.lr,
@@ -266,8 +286,10 @@ def main() -> None:
     bj_tps = tokens * len(bj.times[skip:]) / sum(bj.times[skip:])
     pt_acc = torch_accuracy(model, va, va_labels, 64)
     bj_acc = bj.accuracy(va, va_labels, args.batch)
+    import torch
     print(f"\nMiniLM-L6 finetune, batch {args.batch} x seq {args.seq_len}, {args.steps} steps, "
-          f"{len(va_labels)} validation texts, {os.cpu_count()} CPUs")
+          f"{len(va_labels)} validation texts, {os.cpu_count()} CPUs, "
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
     print(f"{'':26s}{'step s (median)':>16s}{'tokens/s':>11s}{'val acc':>9s}")
     for name, ts, tps, acc in (("PyTorch + HF Trainer", pt_times, pt_tps, pt_acc),
                                ("bigjax", bj.times, bj_tps, bj_acc)):
