@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bigjax.config import Config
+from bigjax.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,6 @@ def family_of(cfg: Config) -> str:
     if m.name == "gpt" and m.positions == "rotary" and m.norm == "rmsnorm" and not m.use_bias \
             and m.mlp == "swiglu":
         return "llama"
-    from bigjax.errors import ConfigError
     raise ConfigError(
         f"model {m.name} (positions={m.positions}, norm={m.norm}, mlp={m.mlp}, use_bias={m.use_bias}) "
         "has no Hugging Face counterpart; exportable: bert, GPT-2 style (learned, layernorm, bias) "
