@@ -216,3 +216,13 @@ def test_cli_convert_missing_dir_is_one_line_exit_2(tmp_path):
         f"bigjax: error: '{tmp_path / 'nope' / 'config.json'}' does not exist: expected a Hugging "
         "Face model dir with config.json and model.safetensors"]
     assert not out.exists()
+
+
+def test_model_without_hf_counterpart_is_refused_on_export(tmp_path):
+    from bigjax.errors import ConfigError
+    cfg = load_config(None, ["model.positions=rotary", "model.vocab_size=64", "model.d_model=32",
+                             "model.n_layers=1", "model.d_ff=64"])
+    with pytest.raises(ConfigError, match=r"^model gpt \(positions=rotary, norm=layernorm, mlp=gelu, "
+                                          r"use_bias=True\) has no Hugging Face counterpart"):
+        hf.save_params({}, cfg, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
