@@ -76,7 +76,8 @@ def start(cache_dir: str, run_dir: str, tokenizer: str) -> subprocess.Popen:
 def losses(run_dir: str, skip_lines: int = 0) -> dict[int, float]:
     """step -> training loss; a resumed run repeats steps, the last row of a step wins."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
-        rows = [json.loads(line) for line in fh.readlines()[skip_lines:]]
+        # a line still being written by a running child has no newline yet
+        rows = [json.loads(line) for line in fh.readlines()[skip_lines:] if line.endswith("\n")]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
