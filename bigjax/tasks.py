@@ -120,6 +120,13 @@ class Classification:
                 "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
 
 
+def _masked_lm(cfg: Config) -> Task:
+    p = cfg.task.mlm_probability
+    if not 0 < p < 1:
+        raise ConfigError(f"task.mlm_probability must be in (0, 1), got {p}")
+    return MaskedLM()
+
+
 def _classification(cfg: Config) -> Task:
     if cfg.task.num_labels < 2:
         raise ConfigError(f"task.num_labels must be at least 2 for classification, "
@@ -140,5 +147,5 @@ def make_task(cfg: Config) -> Task:
     return _TASKS[cfg.task.name](cfg)
 
 
-register_task("masked_lm", lambda cfg: MaskedLM())
+register_task("masked_lm", _masked_lm)
 register_task("classification", _classification)

@@ -168,3 +168,9 @@ def test_classification_needs_two_labels():
     with pytest.raises(ConfigError) as e:
         make_task(load_config(None, ["task.name=classification", "task.num_labels=1"]))
     assert str(e.value) == "task.num_labels must be at least 2 for classification, got 1"
+
+
+def test_mlm_probability_must_be_a_fraction():
+    with pytest.raises(ConfigError) as e:
+        make_task(load_config(None, ["task.name=masked_lm", "task.mlm_probability=1.5"]))
+    assert str(e.value) == "task.mlm_probability must be in (0, 1), got 1.5"
