@@ -151,9 +151,11 @@ def killed(reference, tmp_path_factory):
 
 def test_a_dead_process_ends_the_others_within_the_timeout(killed):
     assert killed["rc0"] != 0
-    # JAX's heartbeat names the dead task; a collective that saw the peer go first says so in one line
+    # JAX's heartbeat names the dead task; a collective that saw the peer go first says so in one
+    # line; a peer killed halfway through sending a gloo message makes gloo abort with its own words
     assert ("another task died" in killed["log0"]
-            or "most likely because another process died" in killed["log0"]), killed["log0"][-2000:]
+            or "most likely because another process died" in killed["log0"]
+            or "Received data size doesn't match expected size" in killed["log0"]), killed["log0"][-2000:]
     assert killed["survivor_s"] < TIMEOUT_S, killed["log0"][-2000:]
     assert 0 < killed["complete"][-1] < STEPS  # killed in the middle, after a checkpoint
 
