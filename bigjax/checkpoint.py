@@ -65,7 +65,8 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:300]
 
 
-def _probe_writable(directory: str) -> None:
+def unwritable_reason(directory: str) -> str | None:
+    """Why files cannot be created in `directory` (made if missing), or None if they can."""
     try:
         os.makedirs(directory, exist_ok=True)
         probe = os.path.join(directory, f".write_test_{os.getpid()}")
@@ -73,8 +74,15 @@ def _probe_writable(directory: str) -> None:
             fh.write("ok")
         os.remove(probe)
     except OSError as e:
+        return str(e.strerror or e)
+    return None
+
+
+def _probe_writable(directory: str) -> None:
+    reason = unwritable_reason(directory)
+    if reason:
         raise CheckpointError(f"checkpoint directory '{directory}' is not writable "
-                              f"({e.strerror or e}); use a run.dir on a writable disk")
+                              f"({reason}); use a run.dir on a writable disk")
 
 
 def missing_files(step_dir: str) -> list[str]:

@@ -39,7 +39,8 @@ class ModelSpec:
     logical_axes: Any  # same tree as params, leaves are tuples of logical names
 
 
-def _nested(flat: dict[tuple, Any]) -> dict:
+def nest_paths(flat: dict[tuple, Any]) -> dict:
+    """{('a', 'b'): x} -> {'a': {'b': x}}: flat parameter paths back to the nested tree."""
     out: dict = {}
     for path, value in flat.items():
         node = out
@@ -53,7 +54,7 @@ def _build(cfg: Config, seed: int) -> tuple[Any, dict, dict, dict]:
     with nnx.use_eager_sharding(False):
         model = create_model(cfg, nnx.Rngs(params=seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    logical = _nested({p: tuple(v.get_metadata().get("out_sharding") or ())
+    logical = nest_paths({p: tuple(v.get_metadata().get("out_sharding") or ())
                        for p, v in nnx.to_flat_state(params)})
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), logical
 

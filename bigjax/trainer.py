@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from bigjax import mesh as mesh_lib
-from bigjax.checkpoint import Checkpointer, abstract_with_shardings
+from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
 from bigjax.config import Config, load_config, save_config, to_dict
 from bigjax.data.loader import TrainLoader, eval_batches
 from bigjax.data.pipeline import build_data
@@ -35,14 +35,9 @@ __version__ = "0.1.0"
 
 
 def prepare_run_dir(path: str) -> str:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test_{os.getpid()}")
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"run.dir '{path}' is not writable: {e.strerror or e}")
+    reason = unwritable_reason(path)
+    if reason:
+        raise ConfigError(f"run.dir '{path}' is not writable: {reason}")
     return os.path.abspath(path)
 
 

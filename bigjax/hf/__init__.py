@@ -20,6 +20,7 @@ from bigjax.config import Config, ModelConfig
 from bigjax.errors import CheckpointError
 from bigjax.hf import names
 from bigjax.hf.configs import hf_config_from_bigjax, model_config_from_hf, read_hf_config
+from bigjax.state import nest_paths
 
 __all__ = ["load_params", "save_params", "model_config_from_hf", "apply_hf_model_config"]
 
@@ -57,16 +58,6 @@ def _read_tensors(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
         raise CheckpointError(f"'{path}' is not a readable safetensors file: {str(e).splitlines()[0]}")
 
 
-def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for path, value in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = value
-    return out
-
-
 def load_params(hf_dir: str, cfg: Config) -> dict:
     """Nested dict of float32 numpy arrays in bigjax naming for the model `cfg` describes.
 
@@ -93,7 +84,7 @@ def load_params(hf_dir: str, cfg: Config) -> dict:
             raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
                                   f"expected {want} for the configured model")
         out[e.path] = names.to_bigjax(e, tensors[name], shape)
-    return _nest(out)
+    return nest_paths(out)
 
 
 def apply_hf_model_config(cfg: Config, hf_dir: str) -> None:
