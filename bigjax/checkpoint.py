@@ -296,6 +296,7 @@ class Checkpointer:
 
 def read_tree_metadata(item_dir: str) -> Any:
     """The saved tree of one item (shapes, dtypes), without reading arrays."""
+    item_dir = os.path.abspath(item_dir)  # orbax reads no array metadata through a relative path
     absl_log = logging.getLogger("absl")
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # orbax warns that a composite item has no step metadata

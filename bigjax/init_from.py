@@ -64,7 +64,7 @@ def resolve_step_dir(source: str) -> str:
 
 def _from_checkpoint(step_dir: str, fresh: dict[str, Any]) -> tuple[dict, dict]:
     """(arrays read into the fresh shardings for names whose shapes agree, the source's shapes)."""
-    state_dir = os.path.join(step_dir, "state")
+    state_dir = os.path.abspath(os.path.join(step_dir, "state"))  # orbax needs absolute paths
     ckptr = ocp.PyTreeCheckpointer()
     try:
         tree = read_tree_metadata(state_dir)

@@ -67,6 +67,17 @@ def test_params_load_into_the_runs_shardings_new_head_fresh(source, caplog):
         "init.from: in the source but not in this model, ignored: pos_embed/embedding"]
 
 
+def test_a_relative_source_path_loads_the_same(source, monkeypatch):
+    """Configs name run dirs relative to the working dir (runs/x); orbax needs absolute paths."""
+    run_dir, src = source
+    cfg, _, _, fresh = build([])
+    monkeypatch.chdir(os.path.dirname(run_dir))
+    params = flat(load_init_params(cfg, os.path.basename(run_dir), fresh.params))
+    assert sorted(params) == sorted(src)
+    for k, v in params.items():
+        np.testing.assert_array_equal(np.asarray(v), src[k])
+
+
 def test_shape_mismatch_names_the_parameter_and_both_shapes(source):
     run_dir, _ = source
     cfg, _, _, fresh = build(["model.d_ff=128"])
