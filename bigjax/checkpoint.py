@@ -23,6 +23,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax.config import CheckpointConfig
 from bigjax.errors import CheckpointError
+from bigjax.mesh import path_str
 
 log = logging.getLogger("bigjax")
 
@@ -314,8 +315,7 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if hasattr(leaf, "shape"):
-            out["/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)] = \
-                tuple(leaf.shape)
+            out[path_str(path)] = tuple(leaf.shape)
     return out
 
 

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from bigjax.checkpoint import missing_files, read_tree_metadata
 from bigjax.config import Config
 from bigjax.errors import CheckpointError
+from bigjax.mesh import path_str
 
 log = logging.getLogger("bigjax")
 
@@ -25,13 +26,13 @@ log = logging.getLogger("bigjax")
 def _flat(tree: Any) -> dict[str, Any]:
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out["/".join(str(getattr(k, "key", k)) for k in path)] = leaf
+        out[path_str(path)] = leaf
     return out
 
 
 def _unflat_like(flat: dict[str, Any], like: Any) -> Any:
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
-    keys = ["/".join(str(getattr(k, "key", k)) for k in p) for p, _ in paths]
+    keys = [path_str(p) for p, _ in paths]
     return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
 
 

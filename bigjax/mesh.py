@@ -114,8 +114,10 @@ def check_divisible(path: str, shape: Sequence[int], spec: P, mesh: Mesh) -> Non
             )
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def path_str(path) -> str:
+    """`layer_0/attn/query/kernel` from a jax key path (dict keys, attributes, indices): the one
+    spelling of parameter paths that rules, decay masks, checkpoints and init-from share."""
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def param_specs(abstract_params: Any, logical_axes: Any, rules, mesh: Mesh) -> Any:
@@ -123,7 +125,7 @@ def param_specs(abstract_params: Any, logical_axes: Any, rules, mesh: Mesh) -> A
 
     def one(path, x, logical):
         spec = logical_to_spec(logical or (None,) * len(x.shape), rules, mesh)
-        check_divisible(_path_str(path), x.shape, spec, mesh)
+        check_divisible(path_str(path), x.shape, spec, mesh)
         return spec
 
     return jax.tree_util.tree_map_with_path(

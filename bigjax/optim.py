@@ -14,10 +14,7 @@ import jax
 import optax
 
 from bigjax.config import OptimizerConfig
-
-
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+from bigjax.mesh import path_str
 
 
 def make_schedule(o: OptimizerConfig, total_steps: int) -> optax.Schedule:
