@@ -40,6 +40,11 @@ forward() { kill -"$1" "${pids[@]}" 2>/dev/null || true; }
 trap 'forward INT' INT
 trap 'forward TERM' TERM
 
+# Create every log before any process starts: `tail -f` on a file not yet there gives up at once,
+# and the background process opens its log only when the shell gets to it.
+for ((i = 0; i < n; i++)); do
+  : >"$log_dir/process-$i.log"
+done
 for ((i = 0; i < n; i++)); do
   log="$log_dir/process-$i.log"
   # BIGJAX_* variables win over any cluster variables in this shell (see bigjax/distributed.py)
