@@ -75,6 +75,27 @@ def test_heads_output_float32_logits_and_name_logical_axes(task, shape):
     assert "decoder" not in str(jax.tree_util.tree_structure(spec.abstract_params))  # tied head
 
 
+def test_classifier_computes_only_the_cls_position_yet_equals_the_full_encoder():
+    """The last layer runs queries, output and MLP for [CLS] alone: same logits as classifying
+    the full B×T×D hidden states, in eval mode and with the same dropout draws."""
+    model = build(tiny("task.name=classification", "task.num_labels=3", "model.n_layers=3"))
+    ids, types, mask = (jnp.asarray(a) for a in _inputs())
+    kw = dict(token_type_ids=types, attention_mask=mask)
+    full = model.encode(ids, **kw)
+    assert model.encode(ids, cls_only=True, **kw).shape == (8, 1, 32)
+    np.testing.assert_allclose(np.asarray(model.encode(ids, cls_only=True, **kw))[:, 0],
+                               np.asarray(full)[:, 0], atol=2e-6, rtol=0)
+    logits = np.asarray(model(ids, **kw))
+    np.testing.assert_allclose(logits, np.asarray(model.classifier(model.pool(full))), atol=2e-6,
+                               rtol=0)
+    assert np.abs(logits).max() > 1e-3  # not trivially equal
+    # padding is still masked for the one query: changing a padded token changes nothing
+    changed = ids.at[::2, 12].set(5)
+    np.testing.assert_allclose(np.asarray(model(changed, **kw)), logits, atol=2e-6, rtol=0)
+    # changing a real token at the last position does change the [CLS] output
+    assert np.abs(np.asarray(model(ids.at[1::2, 15].set(5), **kw)) - logits).max() > 1e-5
+
+
 def test_classification_without_labels_is_a_config_error():
     with pytest.raises(ConfigError, match=r"^task.num_labels must be at least 1 for a classification "
                                           r"head \(got 0; 0 means: count the labels in the data\)$"):

@@ -184,9 +184,12 @@ class Attention(nnx.Module):
         self.out = Dense((n_heads, head_dim), (d_model,), ("heads", "kv", "embed"), std=out_std, **kw)
 
     def __call__(self, x_BTD: jax.Array, mask_BTS: jax.Array, positions_BT: jax.Array,
-                 rngs: nnx.Rngs | None) -> jax.Array:
-        q, k, v = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
+                 rngs: nnx.Rngs | None, kv_BSD: jax.Array | None = None) -> jax.Array:
+        """`kv_BSD`: keys and values from another sequence than the queries (by default x)."""
+        kv_BSD = x_BTD if kv_BSD is None else kv_BSD
+        q, k, v = self.query(x_BTD), self.key(kv_BSD), self.value(kv_BSD)
         if self.rope_theta is not None:
+            assert kv_BSD is x_BTD, "rotary attention takes one sequence"
             q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
         use_dropout = rngs is not None and self.dropout_rate > 0
         key = rngs.dropout() if use_dropout else None
