@@ -65,17 +65,21 @@ class CausalLM:
 
 @dataclass(frozen=True)
 class MaskedLM:
-    """BERT masked-LM; batch: input_ids, attention_mask, optional token_type_ids, targets, weights.
+    """BERT masked-LM; batch: input_ids, attention_mask, optional token_type_ids, targets, weights,
+    and optionally masked_positions.
 
-    The masking itself happens in the data pipeline (bigjax/data/mlm.py), so the weights are 1 only
-    at the selected positions and the loss covers those alone.
+    The masking itself happens in the data pipeline (bigjax/data/mlm.py). With `masked_positions`
+    (B×P, as the pipeline makes them) targets and weights are B×P and the model is asked for
+    logits at those positions only (`model(..., masked_positions=...)`); without them, targets and
+    weights are B×T and weights are 1 only at the selected positions.
     """
 
     name: str = "masked_lm"
 
     def stats(self, model, batch, rngs):
+        at = {"masked_positions": batch["masked_positions"]} if "masked_positions" in batch else {}
         logits = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
-                       attention_mask=batch["attention_mask"], rngs=rngs)
+                       attention_mask=batch["attention_mask"], rngs=rngs, **at)
         return token_stats(logits, batch["targets"], batch["weights"])
 
     def finalize(self, sums):

@@ -29,11 +29,14 @@ class StandinEncoder(nnx.Module):
             if self.task == "classification" else None)
         self.dropout = nnx.Dropout(m.dropout)
 
-    def __call__(self, input_ids_BT, *, token_type_ids=None, attention_mask=None, rngs=None):
+    def __call__(self, input_ids_BT, *, token_type_ids=None, attention_mask=None, rngs=None,
+                 masked_positions=None):
         x = self.embed(input_ids_BT)
         x = x + self.down(jax.nn.gelu(self.up(x)))
         x = self.dropout(x, deterministic=rngs is None, rngs=rngs)
         if self.task == "masked_lm":
+            if masked_positions is not None:
+                x = jnp.take_along_axis(x, masked_positions[:, :, None], axis=1)
             return self.embed.attend(x).astype(jnp.float32)
         m = (attention_mask if attention_mask is not None
              else jnp.ones(input_ids_BT.shape)).astype(jnp.float32)[..., None]

@@ -75,25 +75,34 @@ def test_heads_output_float32_logits_and_name_logical_axes(task, shape):
     assert "decoder" not in str(jax.tree_util.tree_structure(spec.abstract_params))  # tied head
 
 
-def test_classifier_computes_only_the_cls_position_yet_equals_the_full_encoder():
-    """The last layer runs queries, output and MLP for [CLS] alone: same logits as classifying
-    the full B×T×D hidden states, in eval mode and with the same dropout draws."""
+def test_heads_compute_only_the_positions_they_read_yet_equal_the_full_encoder():
+    """The last layer runs queries, output and MLP for [CLS] alone (classifier) or for the masked
+    positions alone (masked-LM): the same logits as heads over the full B×T×D hidden states."""
     model = build(tiny("task.name=classification", "task.num_labels=3", "model.n_layers=3"))
     ids, types, mask = (jnp.asarray(a) for a in _inputs())
     kw = dict(token_type_ids=types, attention_mask=mask)
     full = model.encode(ids, **kw)
-    assert model.encode(ids, cls_only=True, **kw).shape == (8, 1, 32)
-    np.testing.assert_allclose(np.asarray(model.encode(ids, cls_only=True, **kw))[:, 0],
-                               np.asarray(full)[:, 0], atol=2e-6, rtol=0)
+    positions = jnp.asarray(np.random.default_rng(1).integers(0, 10, (8, 4)), jnp.int32)
+    part = model.encode(ids, positions_BP=positions, **kw)
+    assert part.shape == (8, 4, 32)
+    np.testing.assert_allclose(np.asarray(part), np.take_along_axis(np.asarray(full),
+                               np.asarray(positions)[:, :, None], 1), atol=2e-6, rtol=0)
     logits = np.asarray(model(ids, **kw))
     np.testing.assert_allclose(logits, np.asarray(model.classifier(model.pool(full))), atol=2e-6,
                                rtol=0)
     assert np.abs(logits).max() > 1e-3  # not trivially equal
     # padding is still masked for the one query: changing a padded token changes nothing
-    changed = ids.at[::2, 12].set(5)
-    np.testing.assert_allclose(np.asarray(model(changed, **kw)), logits, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(model(ids.at[::2, 12].set(5), **kw)), logits, atol=2e-6,
+                               rtol=0)
     # changing a real token at the last position does change the [CLS] output
     assert np.abs(np.asarray(model(ids.at[1::2, 15].set(5), **kw)) - logits).max() > 1e-5
+
+    mlm = build(tiny("task.name=masked_lm", "model.n_layers=3"))
+    every = np.asarray(mlm(ids, **kw))  # B×T×V
+    at = np.asarray(mlm(ids, masked_positions=positions, **kw))  # B×P×V
+    assert every.shape == (8, 16, 128) and at.shape == (8, 4, 128)
+    np.testing.assert_allclose(at, np.take_along_axis(every, np.asarray(positions)[:, :, None], 1),
+                               atol=2e-5, rtol=0)
 
 
 def test_classification_without_labels_is_a_config_error():
@@ -172,3 +181,27 @@ def test_dropout_from_16_bit_draws_is_unbiased(shape):
     assert abs(y.mean() - 1.0) < 0.006
     assert set(np.unique(y)) == {0.0, np.float32(65536 / (65536 - 6554))}
     np.testing.assert_array_equal(np.asarray(layers.dropout(x, 0.1, jax.random.key(3))), y)
+
+
+def test_masked_lm_loss_at_masked_positions_equals_the_loss_over_every_position():
+    """The pipeline's B×P batches (positions, targets, weights) give the masked-LM task the same
+    loss and accuracy as B×T targets with weight 1 at those positions."""
+    from bigjax.tasks import make_task
+    cfg = tiny("task.name=masked_lm")
+    model, task = build(cfg), make_task(cfg)
+    ids, types, mask = _inputs()
+    rng = np.random.default_rng(3)
+    positions = np.sort(np.stack([rng.choice(10, 3, replace=False) for _ in range(8)]), 1)
+    weights = np.ones((8, 3), np.float32)
+    weights[0, 2] = 0  # a padded prediction slot
+    targets = rng.integers(5, 128, (8, 3)).astype(np.int32)
+    dense_t, dense_w = np.zeros((8, 16), np.int32), np.zeros((8, 16), np.float32)
+    np.put_along_axis(dense_t, positions, targets, 1)
+    np.put_along_axis(dense_w, positions, weights, 1)
+    common = {"input_ids": ids, "token_type_ids": types, "attention_mask": mask}
+    at = task.stats(model, {**common, "masked_positions": positions.astype(np.int32),
+                            "targets": targets, "weights": weights}, None)
+    every = task.stats(model, {**common, "targets": dense_t, "weights": dense_w}, None)
+    assert float(at["weight"]) == float(every["weight"]) == 23.0
+    assert float(at["correct"]) == float(every["correct"])
+    assert float(at["loss_sum"]) == pytest.approx(float(every["loss_sum"]), rel=1e-5)

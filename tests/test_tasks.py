@@ -44,18 +44,33 @@ def masked():
     return arrays, MaskedExamples(arrays, FakeTokenizer(), seed=7, probability=0.15, epochs=3)
 
 
+def selection(ex: dict, T: int) -> np.ndarray:
+    """The T-long selected-position mask of one example (positions with weight 1)."""
+    sel = np.zeros(T, bool)
+    sel[ex["masked_positions"][ex["weights"] > 0]] = True
+    return sel
+
+
 def test_masking_statistics(masked):
     arrays, ds = masked
     ex = [ds[i] for i in range(len(arrays["input_ids"]))]  # epoch 0: every example once
     ids, attn = arrays["input_ids"], arrays["attention_mask"]
-    sel = np.stack([e["weights"] for e in ex]) > 0
+    T = ids.shape[1]
+    assert all(e["masked_positions"].shape == (round(0.15 * T),) for e in ex)  # 7 of 48
+    sel = np.stack([selection(e, T) for e in ex])
     new = np.stack([e["input_ids"] for e in ex])
     maskable = (attn > 0) & (ids > MASK)
     assert not sel[~maskable].any()  # never padding, [CLS], [SEP]
     assert (new[~sel] == ids[~sel]).all()  # unselected positions are untouched
-    assert np.array_equal(np.stack([e["targets"] for e in ex]), ids)
-    n_sel = sel.sum()
-    assert abs(n_sel / maskable.sum() - 0.15) < 0.005  # ~85k maskable tokens
+    # as in the original BERT: round(15% of the maskable tokens) per sequence, at least one
+    want = [max(1, round(0.15 * m)) for m in maskable.sum(1)]
+    assert sel.sum(1).tolist() == want
+    for e, row in zip(ex, ids):  # targets: the original tokens at the positions, ascending
+        n = int(e["weights"].sum())
+        assert np.all(np.diff(e["masked_positions"][:n]) > 0)
+        assert np.array_equal(e["targets"][:n], row[e["masked_positions"][:n]])
+        assert not e["targets"][n:].any() and not e["masked_positions"][n:].any()
+    assert abs(sel.sum() / maskable.sum() - 0.15) < 0.01  # ~85k maskable tokens
     to_mask = (new[sel] == MASK).mean()
     kept = (new[sel] == ids[sel]).mean()
     randomized = 1 - to_mask - kept
@@ -73,12 +88,15 @@ def test_masking_is_a_function_of_seed_epoch_and_index(masked):
     for k in picks:
         assert all(np.array_equal(ds[k][f], again[k][f]) for f in ds[k])
     assert len(ds) == 3 * n
-    weights = lambda d, ks: np.stack([d[k]["weights"] for k in ks])
+    picked = lambda d, ks: np.stack([d[k]["masked_positions"] for k in ks])
     first = range(50)
-    assert not np.array_equal(weights(ds, first), weights(other_seed, first))
-    # the same examples in another epoch are masked differently, with the same targets
-    assert not np.array_equal(weights(ds, first), weights(ds, [n + i for i in first]))
-    assert np.array_equal(ds[5]["targets"], ds[n + 5]["targets"])
+    assert not np.array_equal(picked(ds, first), picked(other_seed, first))
+    # the same examples in another epoch are masked differently, with the same tokens underneath
+    assert not np.array_equal(picked(ds, first), picked(ds, [n + i for i in first]))
+    for k in (5, n + 5):
+        n_pred = int(ds[k]["weights"].sum())
+        assert np.array_equal(ds[k]["targets"][:n_pred],
+                              arrays["input_ids"][5][ds[k]["masked_positions"][:n_pred]])
 
 
 def test_masked_batches_resume_exactly(masked):

@@ -148,17 +148,34 @@ def pack(tok, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
             "token_type_ids": np.zeros_like(input_ids)}
 
 
+def num_predictions(maskable: int, probability: float) -> int:
+    """How many positions a sequence with `maskable` tokens predicts, as in the original BERT's
+    pretraining data: round(maskable × probability), at least 1 (0 when nothing is maskable)."""
+    return min(maskable, max(1, int(round(maskable * probability))))
+
+
 def mask_tokens(input_ids: np.ndarray, maskable: np.ndarray, rng: np.random.Generator, *,
-                probability: float, mask_id: int, random_ids: np.ndarray) -> Example:
-    """BERT masking of one sequence: select each maskable position with `probability`; of the
-    selected, 80% become [MASK], 10% a random token, 10% stay; the loss sees selected ones only."""
-    selected = (rng.random(input_ids.shape) < probability) & maskable
-    kind = rng.random(input_ids.shape)
-    random_tok = random_ids[rng.integers(0, len(random_ids), input_ids.shape)]
-    masked = np.where(selected & (kind < 0.8), mask_id, input_ids)
-    masked = np.where(selected & (kind >= 0.8) & (kind < 0.9), random_tok, masked)
-    return {"input_ids": masked.astype(np.int32), "targets": input_ids.astype(np.int32),
-            "weights": selected.astype(np.float32)}
+                probability: float, mask_id: int, random_ids: np.ndarray,
+                max_predictions: int) -> Example:
+    """BERT masking of one sequence: select `num_predictions` maskable positions uniformly; of the
+    selected, 80% become [MASK], 10% a random token, 10% stay. Returns the selected positions
+    (ascending, padded with 0 and weight 0 up to `max_predictions`) with their original tokens as
+    targets: the model predicts those P positions only, not all T (the output layer over the
+    vocabulary is most of a small BERT's compute)."""
+    candidates = np.flatnonzero(maskable)
+    n = num_predictions(len(candidates), probability)
+    picked = np.sort(rng.choice(candidates, n, replace=False)) if n else candidates[:0]
+    kind = rng.random(n)
+    masked = input_ids.copy()
+    masked[picked[kind < 0.8]] = mask_id
+    swap = picked[(kind >= 0.8) & (kind < 0.9)]
+    masked[swap] = random_ids[rng.integers(0, len(random_ids), len(swap))]
+    positions = np.zeros(max_predictions, np.int32)
+    positions[:n] = picked
+    weights = (np.arange(max_predictions) < n).astype(np.float32)
+    return {"input_ids": masked.astype(np.int32), "masked_positions": positions,
+            "targets": np.where(weights > 0, input_ids[positions], 0).astype(np.int32),
+            "weights": weights}
 
 
 class MaskedExamples:
@@ -175,6 +192,7 @@ class MaskedExamples:
         self.mask_id = tok.mask_token_id
         self.special = np.asarray(sorted(set(tok.all_special_ids)), np.int32)
         self.random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int32), self.special)
+        self.max_predictions = num_predictions(arrays["input_ids"].shape[1], probability)
 
     def __len__(self) -> int:
         return self.n * self.epochs
@@ -185,7 +203,8 @@ class MaskedExamples:
         maskable = (attn > 0) & ~np.isin(ids, self.special)
         rng = np.random.default_rng([self.seed, epoch, i])
         out = mask_tokens(ids, maskable, rng, probability=self.probability,
-                          mask_id=self.mask_id, random_ids=self.random_ids)
+                          mask_id=self.mask_id, random_ids=self.random_ids,
+                          max_predictions=self.max_predictions)
         return {**out, "attention_mask": attn, "token_type_ids": self.arrays["token_type_ids"][i]}
 
 

@@ -38,11 +38,14 @@ class BertLayer(nnx.Module):
         self.mlp_norm = norm()
         self.rate = cfg.dropout
 
-    def __call__(self, x, mask, rngs, first_only: bool = False):
-        """`first_only`: the output at position 0 alone (B×1×D); every position is still attended."""
+    def __call__(self, x, mask, rngs, positions_BP: jax.Array | None = None):
+        """With `positions_BP`, the output at those positions alone (B×P×D); keys and values still
+        come from every position, so those outputs equal the full layer's."""
         drop = lambda h: _dropout(h, self.rate, rngs)
-        q = x[:, :1] if first_only else x
-        mask = mask[:, :1] if first_only else mask
+        q = x
+        if positions_BP is not None:
+            rows = lambda a: jnp.take_along_axis(a, positions_BP[:, :, None], axis=1)
+            q, mask = rows(x), rows(jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:]))
         h = self.attn_norm(q + drop(self.attn(q, mask, None, rngs, kv_BSD=x)))  # post-norm (BERT)
         return self.mlp_norm(h + drop(self.mlp(h)))
 
@@ -78,10 +81,11 @@ class Bert(nnx.Module):
 
     def encode(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
                attention_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None,
-               cls_only: bool = False) -> jax.Array:
-        """Last hidden states B×T×D (Hugging Face's `last_hidden_state`); with `cls_only`, B×1×D:
-        only the [CLS] position, all a pooler reads. The last layer then projects queries, output
-        and MLP for one position instead of T: 14% of a 6-layer MiniLM step's matmul FLOPs."""
+               positions_BP: jax.Array | None = None) -> jax.Array:
+        """Last hidden states B×T×D (Hugging Face's `last_hidden_state`); with `positions_BP`,
+        B×P×D at those positions only. Heads read few positions ([CLS] for the classifier, the
+        masked ones for masked-LM), so the last layer computes queries, attention output and MLP for
+        P positions instead of T: 14% of a 6-layer MiniLM classification step's matmul FLOPs."""
         B, T = input_ids_BT.shape
         if token_type_ids is None:
             token_type_ids = jnp.zeros((B, T), jnp.int32)
@@ -92,16 +96,25 @@ class Bert(nnx.Module):
         mask = layers.attention_mask(None, attention_mask, causal=False, length=T)
         last = self.cfg.n_layers - 1
         for i in range(self.cfg.n_layers):
-            first_only = cls_only and i == last
-            x = getattr(self, f"layer_{i}")(x, mask, rngs, first_only=first_only)
-            x = x if first_only else constrain(x, ACT)  # one position: nothing to shard on length
+            x = constrain(getattr(self, f"layer_{i}")(x, mask, rngs, positions_BP if i == last
+                                                      else None), ACT)
+        if self.cfg.n_layers == 0 and positions_BP is not None:
+            x = jnp.take_along_axis(x, positions_BP[:, :, None], axis=1)
         return x
 
     def __call__(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """float32 logits: B×T×vocab (masked_lm), B×num_labels (classification); else hidden states."""
+                 attention_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None,
+                 masked_positions: jax.Array | None = None) -> jax.Array:
+        """float32 logits: B×T×vocab (masked_lm; B×P×vocab at `masked_positions` B×P, as
+        original BERT's pretraining computes them), B×num_labels (classification); else hidden
+        states."""
+        positions = None
+        if self.head == "classification":
+            positions = jnp.zeros((input_ids_BT.shape[0], 1), jnp.int32)  # [CLS]
+        elif self.head == "masked_lm":
+            positions = masked_positions
         h = self.encode(input_ids_BT, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                        rngs=rngs, cls_only=self.head == "classification")
+                        rngs=rngs, positions_BP=positions)
         if self.head == "masked_lm":
             h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(h), approximate=False))
             return (self.embed.attend(h) + self.mlm_bias[...]).astype(jnp.float32)
