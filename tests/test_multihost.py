@@ -226,3 +226,41 @@ def test_a_process_that_never_joins_ends_the_wait():
         "keys or BIGJAX_* variables); check that every process was started and can reach that "
         "address")
     assert time.time() - start < 60  # start-up included; JAX's own timeout would abort (rc 134)
+
+
+def test_sigterm_stops_every_process_at_one_checkpointed_step(reference, tmp_path):
+    """A preemption notice reaches both processes (local.sh forwards it, as a cluster would send it
+    to each): JAX's preemption sync point makes them save the same step, and the rerun resumes it."""
+    run_dir, logs, cache = tmp_path / "run", tmp_path / "logs", reference["base"] / "jit_cache"
+    shutil.copytree(reference["base"] / "two" / "tokenizer", run_dir / "tokenizer")
+    long = [o for o in TWO if not o.startswith("train.steps=")] + ["train.steps=100000",
+                                                                    "checkpoint.every=100000"]
+    proc = subprocess.Popen(["bash", LOCAL, "2", CONFIG, *long, f"run.dir={run_dir}"],
+                            env=clean_env(None, BIGJAX_LOG_DIR=str(logs),
+                                          JAX_COMPILATION_CACHE_DIR=str(cache)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(losses(run_dir)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + err[-2000:]
+    steps = committed_steps(run_dir)
+    assert len(steps) == 1 and 3 <= steps[0] < 100000, steps
+    stopped = steps[0]
+    assert f"stopped by signal at step {stopped}; checkpoint complete" in out
+    p1 = (logs / "process-1.log").read_text()
+    assert "Traceback" not in p1, p1[-2000:]
+    # both processes logged their last step as the saved one: no process ran ahead
+    assert max(losses(run_dir)) == stopped
+
+    again = [o for o in long if not o.startswith("train.steps=")] + [f"train.steps={stopped + 2}"]
+    rerun = subprocess.run(["bash", LOCAL, "2", CONFIG, *again, f"run.dir={run_dir}"],
+                           env=clean_env(None, BIGJAX_LOG_DIR=str(tmp_path / "logs2"),
+                                         JAX_COMPILATION_CACHE_DIR=str(cache)),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert f"resumed from step {stopped} " in rerun.stdout
+    assert committed_steps(run_dir)[-1] == stopped + 2
