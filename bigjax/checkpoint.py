@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax.config import CheckpointConfig
+from bigjax.distributed import private_path
 from bigjax.errors import CheckpointError
 from bigjax.mesh import path_str
 
@@ -70,7 +71,7 @@ def unwritable_reason(directory: str) -> str | None:
     """Why files cannot be created in `directory` (made if missing), or None if they can."""
     try:
         os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, f".write_test_{os.getpid()}")
+        probe = private_path(os.path.join(directory, ".write_test"))
         with open(probe, "w") as fh:
             fh.write("ok")
         os.remove(probe)

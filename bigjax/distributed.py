@@ -12,6 +12,7 @@ process whose peers never join, each with a message instead of a hang.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -24,6 +25,12 @@ from bigjax.errors import BigjaxError
 
 DEFAULT_PORT = 8476  # coordinator port when a cluster gives a host but no port
 AUTO = "auto"  # distributed.coordinator value: let JAX detect the cluster (TPU pod VMs)
+
+
+def private_path(path: str) -> str:
+    """A sibling of `path` that no other process writes, for write-then-rename: several hosts of a
+    pod write the same run dir on shared storage, and containers often share process ids."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 class DistributedError(BigjaxError):

@@ -18,6 +18,7 @@ import numpy as np
 
 from bigjax.config import Config
 from bigjax.data.mlm import bert_tokenizer, encode
+from bigjax.distributed import private_path
 from bigjax.data.sources import RecordReader, files_for
 from bigjax.errors import DataError
 
@@ -93,7 +94,7 @@ def load_label_names(run_dir: str) -> list[str] | None:
 
 def save_label_names(run_dir: str, names: list[str]) -> None:
     path = os.path.join(run_dir, LABELS_FILE)
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = private_path(path)
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump({"names": names}, fh, indent=1)
     os.replace(tmp, path)

@@ -17,6 +17,7 @@ import numpy as np
 
 from bigjax.config import Config
 from bigjax.data.tokenizer import load_tokenizer
+from bigjax.distributed import private_path
 from bigjax.errors import DataError
 
 log = logging.getLogger("bigjax")
@@ -69,7 +70,7 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
                                                    ("[CLS]", vocab.index("[CLS]")))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    tmp = f"{out_dir}.tmp{os.getpid()}"
+    tmp = private_path(out_dir)
     fast.save_pretrained(tmp)
     _publish(tmp, out_dir)
     return load_tokenizer(out_dir)
@@ -117,7 +118,7 @@ def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
     if tok.mask_token_id is None or tok.pad_token_id is None or tok.cls_token_id is None:
         raise DataError(f"tokenizer of '{cfg.data.tokenizer or init}' has no [MASK]/[PAD]/[CLS] "
                         "token; a BERT task needs a BERT-style (WordPiece) tokenizer")
-    tmp = f"{own}.tmp{os.getpid()}"
+    tmp = private_path(own)
     tok.save_pretrained(tmp)
     _publish(tmp, own)
     return tok
