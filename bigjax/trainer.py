@@ -50,7 +50,9 @@ class Trainer:
     """`Trainer(config_or_path, overrides).train()`; `.evaluate()` returns validation metrics."""
 
     def __init__(self, config: Config | str | os.PathLike | None = None,
-                 overrides: list[str] | None = None):
+                 overrides: list[str] | None = None, *, lazy_data: bool = False):
+        """`lazy_data`: read the data on first use, not here (a finished run's `predict` needs only
+        its saved tokenizer, not another pass over the training files)."""
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         if cfg.init.from_.startswith("hf:"):  # sizes come from the checkpoint's config.json
             from bigjax.config import validate
@@ -63,7 +65,10 @@ class Trainer:
         self.mesh = mesh_lib.make_mesh(cfg.mesh)
         self._check_batch()
         self.run_dir = prepare_run_dir(cfg.run.dir)
-        self.data = build_data(cfg, self.run_dir)
+        self._data = None
+        if not lazy_data or cfg.model.vocab_size == 0 or (cfg.task.name == "classification"
+                                                          and cfg.task.num_labels == 0):
+            self.data  # bad data fails here; sizes that come from the data are needed now
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = _pad_vocab(len(self.data.tokenizer))
         self.task = make_task(cfg)
@@ -87,6 +92,20 @@ class Trainer:
         self._stop_requested = False
         self.stop_signal: int | None = None  # the signal that stopped train() early, if any
         self.preempted = False
+
+    @property
+    def data(self):
+        """Train and eval sources and the tokenizer."""
+        if self._data is None:
+            self._data = build_data(self.cfg, self.run_dir)
+        return self._data
+
+    def _tokenizer(self):
+        own = os.path.join(self.run_dir, "tokenizer")
+        if self._data is None and os.path.isdir(own):  # what training saved (or was given)
+            from bigjax.data.tokenizer import load_tokenizer
+            return load_tokenizer(own)
+        return self.data.tokenizer
 
     def _check_batch(self) -> None:
         t = self.cfg.train
@@ -166,7 +185,7 @@ class Trainer:
             raise CheckpointError(f"'{run_dir}' is not a bigjax run dir (no config.yaml in it)")
         cfg = load_config(path, [f"run.dir={os.path.abspath(run_dir)}", "checkpoint.resume=must",
                                  *(overrides or [])])
-        return cls(cfg)
+        return cls(cfg, lazy_data=True)
 
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
         """(label name, probability) of the most likely class for each text."""
@@ -181,7 +200,7 @@ class Trainer:
             self._probs_fn = jit_probs(fn, self.shardings.params, self.shardings.model_state,
                                        self.batch_sharding)
         names = load_label_names(self.run_dir) or [str(i) for i in range(self.cfg.task.num_labels)]
-        return predict_texts(self._probs_fn, state.params, state.model_state, self.data.tokenizer,
+        return predict_texts(self._probs_fn, state.params, state.model_state, self._tokenizer(),
                              list(texts), names, seq_len=self.cfg.train.seq_len,
                              batch_size=self.cfg.train.batch_size,
                              multiple=mesh_lib.batch_divisor(self.cfg.sharding.rules, self.mesh),

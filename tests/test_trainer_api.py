@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -69,6 +70,17 @@ def test_from_run_restores_the_same_model(trained):
     trainer, final, run_dir = trained
     again = Trainer.from_run(run_dir)
     assert again.evaluate() == final
+    texts = ["good good", "poor", "a movie"]
+    assert again.predict(texts) == trainer.predict(texts)
+
+
+def test_predict_needs_the_run_not_its_training_data(trained, tmp_path):
+    """A finished run predicts with its saved tokenizer and labels: the training files may be gone
+    (and are not read again, which made `bigjax predict` re-read a whole corpus)."""
+    trainer, _, run_dir = trained
+    moved = tmp_path / "run"
+    shutil.copytree(run_dir, moved)
+    again = Trainer.from_run(moved, [f"data.source={tmp_path / 'gone.csv'}"])
     texts = ["good good", "poor", "a movie"]
     assert again.predict(texts) == trainer.predict(texts)
 
