@@ -161,6 +161,9 @@ class DistributedConfig:
     num_processes: int = 0  # 0 = from the environment (BIGJAX_NUM_PROCESSES, SLURM, ...)
     process_id: int = -1  # -1 = from the environment
     timeout_s: int = 300  # longest wait for a process that never joins or died (join, heartbeat)
+    # longest time without a training step or evaluation batch (after the first step) before a
+    # process ends itself: a hung peer keeps the heartbeat alive; 0 = never
+    hang_timeout_s: int = 1800
 
 
 @dataclass
@@ -313,6 +316,9 @@ def validate(cfg: Config) -> None:
         "distributed.timeout_s": cfg.distributed.timeout_s,
         "checkpoint.keep_best": cfg.checkpoint.keep_best,
     }
+    if cfg.distributed.hang_timeout_s < 0:
+        raise ConfigError(f"distributed.hang_timeout_s must be 0 (never) or a number of seconds, "
+                          f"got {cfg.distributed.hang_timeout_s}")
     if cfg.checkpoint.every < 0:
         raise ConfigError(f"checkpoint.every must be 0 (only at the end) or a number of steps, "
                           f"got {cfg.checkpoint.every}")

@@ -11,10 +11,12 @@ process whose peers never join, each with a message instead of a hang.
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -163,6 +165,38 @@ class _JoinWatchdog:
 
     def cancel(self) -> None:
         self._done.set()
+
+
+class HangWatchdog:
+    """Ends this process when the training loop makes no progress for `timeout_s` on several
+    processes: a peer stuck alive (a storage read, a deadlocked collective) keeps JAX's heartbeat
+    going, so nothing else would end the wait. Prints every thread's stack, then one line, and exits
+    1 so the launcher can restart the job from the last complete checkpoint."""
+
+    def __init__(self, timeout_s: int):
+        self._timeout_s, self._last, self._what = timeout_s, time.monotonic(), "the first step"
+        self._done = threading.Event()
+        if timeout_s > 0 and jax.process_count() > 1:
+            threading.Thread(target=self._watch, name="bigjax-hang-watchdog", daemon=True).start()
+
+    def beat(self, what: str) -> None:
+        self._last, self._what = time.monotonic(), what
+
+    def stop(self) -> None:
+        self._done.set()
+
+    def _watch(self) -> None:
+        while not self._done.wait(min(10.0, self._timeout_s / 5)):
+            idle = time.monotonic() - self._last
+            if idle < self._timeout_s:
+                continue
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+            print(f"bigjax: error: distributed: process {jax.process_index()} of "
+                  f"{jax.process_count()} made no progress for {idle:.0f} s after {self._what} "
+                  f"(distributed.hang_timeout_s={self._timeout_s}); a process is hung (stacks "
+                  "above); exiting so that the job restarts from its last complete checkpoint",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
 
 
 def initialize(cfg: DistributedConfig) -> Cluster | None:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
+from bigjax import distributed
 from bigjax import mesh as mesh_lib
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
 from bigjax.config import Config, load_config, save_config, to_dict
@@ -60,7 +61,6 @@ class Trainer:
             apply_hf_model_config(cfg, cfg.init.from_[3:])
             validate(cfg)
         self.cfg = cfg
-        from bigjax import distributed
         distributed.initialize(cfg.distributed)
         self.mesh = mesh_lib.make_mesh(cfg.mesh)
         self._check_batch()
@@ -92,6 +92,7 @@ class Trainer:
         self._stop_requested = False
         self.stop_signal: int | None = None  # the signal that stopped train() early, if any
         self.preempted = False
+        self._watchdog = distributed.HangWatchdog(0)  # armed by train() after its first step
 
     @property
     def data(self):
@@ -137,7 +138,7 @@ class Trainer:
         if policy != "never":
             target = abstract_with_shardings(self.abstract, self.shardings)
             restored = ckpt.restore_latest(target, to_dict(self.cfg)["model"])
-        from bigjax import distributed  # each process chose from its own view of the checkpoints
+        # each process chose from its own view of the checkpoints
         distributed.agree("resume_step", str(restored.step if restored else 0),
                           self.cfg.distributed.timeout_s)
         if restored is not None:
@@ -171,9 +172,10 @@ class Trainer:
         pending = []
         for batch in batches:
             pending.append(self.eval_step(state.params, state.model_state, batch))
-        for stats in jax.device_get(pending):
-            for k, v in stats.items():
+        for i, stats in enumerate(pending):  # fetched in order: each one is progress
+            for k, v in jax.device_get(stats).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
+            self._watchdog.beat(f"evaluation batch {i + 1}")
         return {f"eval_{k}": v for k, v in self.task.finalize(sums).items()}
 
     # ---- a finished run ------------------------------------------------------------------------
@@ -264,6 +266,9 @@ class Trainer:
                 batch = next(loader)
                 state, metrics = self.train_step(state, batch)
                 step += 1
+                if step == start + 1:  # compiled and dispatched: from here on, steps are progress
+                    self._watchdog = distributed.HangWatchdog(cfg.distributed.hang_timeout_s)
+                self._watchdog.beat(f"step {step}")
                 if pending is not None:  # the previous logged step: fetched while this one runs
                     t_last, step_last = self._log(report, pending, t_last, step_last,
                                                   tokens_per_step, flops_tok, peak)
@@ -292,6 +297,7 @@ class Trainer:
                 report.log({"step": step, **last})
                 # every metric of the task (perplexity for LMs, accuracy and macro F1 for classifiers)
                 report.message(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in last.items()))
+            self._watchdog.stop()  # a final save may take long on slow storage
             if step not in self.checkpointer.all_steps():
                 self.checkpointer.save(step, state, loader.state(), self._meta(step),
                                        metrics=None if preempted else last, force=True)
@@ -308,6 +314,7 @@ class Trainer:
                 pass
             raise
         finally:
+            self._watchdog.stop()
             for s, h in handlers.items():
                 signal.signal(s, h)
             report.close()

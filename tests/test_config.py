@@ -32,6 +32,8 @@ def test_effective_config_round_trips_through_yaml(tmp_path):
      "train.batch_size=10 is not divisible by train.grad_accum=4"),
     (["model.n_heads=3"], "model.d_model=128 is not divisible by model.n_heads=3; set model.head_dim"),
     (["train.steps=0"], "train.steps must be at least 1, got 0"),
+    (["distributed.hang_timeout_s=-5"],
+     "distributed.hang_timeout_s must be 0 (never) or a number of seconds, got -5"),
     (["train"], "override 'train' is not of the form key.sub=value"),
     (["train=3"], "train: expected a mapping of keys, got 3"),
 ])

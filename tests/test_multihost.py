@@ -6,6 +6,7 @@ ends within distributed.timeout_s and resumes; SLURM and JobSet variables place 
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -264,3 +265,34 @@ def test_sigterm_stops_every_process_at_one_checkpointed_step(reference, tmp_pat
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert f"resumed from step {stopped} " in rerun.stdout
     assert committed_steps(run_dir)[-1] == stopped + 2
+
+
+def test_a_process_hung_alive_ends_every_process_within_the_hang_timeout(reference, tmp_path):
+    """Process 1 stops in its data loader but stays alive (its heartbeat goes on): after
+    distributed.hang_timeout_s without a step, both processes print their stacks and one line,
+    and exit 1, leaving the checkpoints they completed."""
+    run_dir, cache, port = tmp_path / "run", reference["base"] / "jit_cache", free_port()
+    shutil.copytree(reference["base"] / "two" / "tokenizer", run_dir / "tokenizer")
+    overrides = [o for o in TWO if not o.startswith("train.steps=")] + [
+        "train.steps=100000", "checkpoint.every=4", "distributed.hang_timeout_s=6"]
+    code = "import hang_after, sys; from bigjax.cli import main; sys.exit(main(sys.argv[1:]))"
+    procs = [subprocess.Popen(
+        [sys.executable, "-u", "-c", code, "train", CONFIG, *overrides, f"run.dir={run_dir}"],
+        env=clean_env(4, BIGJAX_COORDINATOR=f"localhost:{port}", BIGJAX_NUM_PROCESSES="2",
+                      BIGJAX_PROCESS_ID=str(i), HANG_AFTER="10", JAX_COMPILATION_CACHE_DIR=str(cache),
+                      PYTHONPATH=os.path.dirname(__file__)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    errs = [err for _, err in outs]
+    assert [p.returncode for p in procs] == [1, 1], errs[0][-3000:] + errs[1][-3000:]
+    line = re.compile(r"^bigjax: error: distributed: process (\d) of 2 made no progress for (\d+) s "
+                      r"after step (\d+) \(distributed.hang_timeout_s=6\); a process is hung \(stacks "
+                      r"above\); exiting so that the job restarts from its last complete checkpoint$",
+                      re.M)
+    found = [line.search(err) for err in errs]
+    assert found[0] and found[1], errs[0][-3000:] + errs[1][-3000:]
+    assert [int(m.group(1)) for m in found] == [0, 1]
+    assert all(6 <= int(m.group(2)) < 15 for m in found)
+    assert int(found[1].group(3)) == 10  # process 1 took 10 batches, then hung
+    assert "hang_after.py" in errs[1]  # its stack shows where
+    assert committed_steps(run_dir) and committed_steps(run_dir)[-1] in (4, 8)
