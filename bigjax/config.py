@@ -47,6 +47,9 @@ class ModelConfig:
     type_vocab_size: int = 2  # BERT token types
     pad_token_id: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    # activation checkpointing per layer: none | full (keep only layer inputs, recompute the rest
+    # in the backward pass) | dots (also keep matmul outputs: recompute only elementwise work)
+    remat: Literal["none", "full", "dots"] = "none"
     init_std: float = 0.02
 
 

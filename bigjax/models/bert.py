@@ -95,9 +95,14 @@ class Bert(nnx.Module):
         x = constrain(x, ACT)
         mask = layers.attention_mask(None, attention_mask, causal=False, length=T)
         last = self.cfg.n_layers - 1
+        every = layers.remat_layer(lambda layer, x, rngs: layer(x, mask, rngs), self.cfg.remat)
         for i in range(self.cfg.n_layers):
-            x = constrain(getattr(self, f"layer_{i}")(x, mask, rngs, positions_BP if i == last
-                                                      else None), ACT)
+            layer = getattr(self, f"layer_{i}")
+            if i == last and positions_BP is not None:  # small: B×P outputs, nothing to save
+                x = layer(x, mask, rngs, positions_BP)
+            else:
+                x = every(layer, x, rngs)
+            x = constrain(x, ACT)
         if self.cfg.n_layers == 0 and positions_BP is not None:
             x = jnp.take_along_axis(x, positions_BP[:, :, None], axis=1)
         return x

@@ -10,7 +10,7 @@ from flax import nnx
 
 from bigjax.config import ModelConfig
 from bigjax.mesh import constrain
-from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm, attention_mask
+from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm, attention_mask, remat_layer
 
 
 ACT = ("batch", "length", "act_embed")  # activations: split the batch, keep features whole
@@ -65,8 +65,9 @@ class GPT(nnx.Module):
             x = x + self.pos_embed(positions)
         x = constrain(self.dropout(x, deterministic=rngs is None, rngs=rngs), ACT)
         mask = attention_mask(segment_ids, None, causal=True, length=T)
+        layer = remat_layer(lambda block, x, rngs: block(x, mask, positions, rngs), self.cfg.remat)
         for i in range(self.cfg.n_layers):
-            x = constrain(getattr(self, f"layer_{i}")(x, mask, positions, rngs), ACT)
+            x = constrain(layer(getattr(self, f"layer_{i}"), x, rngs), ACT)
         return self.final_norm(x)
 
     def __call__(self, tokens_BT: jax.Array, **kw) -> jax.Array:

@@ -109,6 +109,18 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str | None =
     return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
+def remat_layer(call, remat: str):
+    """`call(layer, x, rngs)` under activation checkpointing: "none" keeps every activation for
+    the backward pass; "full" keeps the layer's input only and recomputes the rest (memory per
+    layer ~ one activation, for ~1/3 more FLOPs); "dots" keeps matmul outputs too and recomputes
+    only elementwise work. Dropout masks come from the same keys, so the recomputation is exact."""
+    if remat == "none":
+        return call
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
+              else jax.checkpoint_policies.nothing_saveable)
+    return nnx.remat(call, policy=policy)
+
+
 # Logits of one attention chunk (rows of the batch x heads x T x S, float32) kept near this size,
 # so that softmax and its backward pass run in a CPU core's cache instead of main memory.
 _CPU_CHUNK_BYTES = 2 << 20
