@@ -50,6 +50,8 @@ class ModelConfig:
     # activation checkpointing per layer: none | full (keep only layer inputs, recompute the rest
     # in the backward pass) | dots (also keep matmul outputs: recompute only elementwise work)
     remat: Literal["none", "full", "dots"] = "none"
+    # decoder blocks as one stacked block applied by lax.scan: compile time independent of depth
+    scan_layers: bool = False
     init_std: float = 0.02
 
 
@@ -319,6 +321,9 @@ def validate(cfg: Config) -> None:
         "distributed.timeout_s": cfg.distributed.timeout_s,
         "checkpoint.keep_best": cfg.checkpoint.keep_best,
     }
+    if m.scan_layers and m.name == "bert":
+        raise ConfigError("model.scan_layers stacks the decoder's blocks (model.name=gpt); the BERT "
+                          "encoder's layers stay unrolled, set model.scan_layers=false")
     if cfg.distributed.hang_timeout_s < 0:
         raise ConfigError(f"distributed.hang_timeout_s must be 0 (never) or a number of seconds, "
                           f"got {cfg.distributed.hang_timeout_s}")

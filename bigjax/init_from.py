@@ -123,6 +123,15 @@ def load_init_params(cfg: Config, spec: str, fresh_params: Any) -> Any:
     else:
         where = resolve_step_dir(spec)
         loaded, shapes = _from_checkpoint(where, fresh)
+    scanned = lambda keys: any(k.startswith("layers/") for k in keys)
+    layered = lambda keys: any(k.startswith(("layers/", "layer_")) for k in keys)
+    if layered(shapes) and layered(fresh) and scanned(fresh) != scanned(shapes):
+        raise CheckpointError(
+            f"init.from='{spec}': the source stores its layers "
+            f"{'stacked' if scanned(shapes) else 'one by one'} and this model has "
+            f"model.scan_layers={str(scanned(fresh)).lower()}; set model.scan_layers="
+            f"{str(scanned(shapes)).lower()}, or go through `bigjax convert` (Hugging Face "
+            "format reads into either)")
     if not loaded:
         raise CheckpointError(f"init.from='{spec}': none of this model's parameters are in the "
                               f"source (it has {', '.join(sorted(shapes)[:5])}, ...)")

@@ -153,6 +153,23 @@ def test_gpt2_round_trip_logits(tmp_path):
     np.testing.assert_allclose(back, ours, atol=1e-4, rtol=0)
 
 
+def test_gpt2_into_and_out_of_scanned_layers(tmp_path):
+    """model.scan_layers: Hugging Face's per-layer tensors stack into the scanned decoder, which
+    computes the same logits, and unstack again on export."""
+    torch_model, path = _gpt2(tmp_path, transformers.GPT2LMHeadModel)
+    cfg = hf.model_config_for(path)
+    cfg.train.seq_len, cfg.model.scan_layers = 16, True
+    params = hf.load_params(path, cfg)
+    assert params["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
+    ids = _ids(96, (2, 16))
+    ours = np.asarray(bigjax_model(cfg, params)(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, torch_out(torch_model, input_ids=ids), atol=1e-4, rtol=0)
+    out = str(tmp_path / "export")
+    hf.save_params(params, cfg, out)
+    back = torch_out(transformers.GPT2LMHeadModel.from_pretrained(out), input_ids=ids)
+    np.testing.assert_allclose(back, ours, atol=1e-4, rtol=0)
+
+
 def test_gpt2_bare_model_imports_like_the_lm_head_model(tmp_path):
     lm, lm_path = _gpt2(tmp_path, transformers.GPT2LMHeadModel)
     lm.transformer.save_pretrained(str(tmp_path / "bare"), safe_serialization=True)

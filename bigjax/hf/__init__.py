@@ -34,6 +34,7 @@ def _abstract_params(cfg: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
 
     from bigjax.models import create_model
 
+    cfg = _unrolled(cfg)  # the name tables count layers one by one
     with nnx.use_eager_sharding(False):
         model = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -41,6 +42,14 @@ def _abstract_params(cfg: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         flat[tuple(str(k.key) for k in path)] = tuple(leaf.shape)
     return flat
+
+
+def _unrolled(cfg: Config) -> Config:
+    if not cfg.model.scan_layers:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.model.scan_layers = False
+    return cfg
 
 
 def _read_tensors(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
@@ -84,6 +93,9 @@ def load_params(hf_dir: str, cfg: Config) -> dict:
             raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
                                   f"expected {want} for the configured model")
         out[e.path] = names.to_bigjax(e, tensors[name], shape)
+    if cfg.model.scan_layers:
+        from bigjax.models.gpt import stack_layers
+        return stack_layers(nest_paths(out), cfg.model.n_layers)
     return nest_paths(out)
 
 
@@ -111,6 +123,9 @@ def hf_tensors(params: Any, cfg: Config, label_names: list[str] | None = None
     """(safetensors dict, config.json dict) for a bigjax parameter tree."""
     family = names.family_of(cfg)
     table, prefix = names.TABLES[family]
+    if cfg.model.scan_layers:
+        from bigjax.models.gpt import unstack_layers
+        params = unstack_layers(jax.device_get(params))
     flat = _flat_params(params)
     hf_cfg = hf_config_from_bigjax(cfg, family, label_names)
     # the base model goes under its prefix whenever the architecture carries a head

@@ -6,11 +6,13 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from bigjax.config import ModelConfig
 from bigjax.mesh import constrain
-from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm, attention_mask, remat_layer
+from bigjax.models.layers import (MLP, Attention, Dense, Embed, Norm, attention_mask, remat_layer,
+                                  remat_policy)
 
 
 ACT = ("batch", "length", "act_embed")  # activations: split the batch, keep features whole
@@ -47,8 +49,16 @@ class GPT(nnx.Module):
         self.embed = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype, cfg.init_std, rngs)
         self.pos_embed = (Embed(cfg.max_seq_len, cfg.d_model, (None, "embed"), dtype, cfg.init_std, rngs)
                           if cfg.positions == "learned" else None)
-        for i in range(cfg.n_layers):  # string names keep checkpoint and HF paths readable
-            setattr(self, f"layer_{i}", Block(cfg, rngs))
+        if cfg.scan_layers:  # one stacked block: parameters get a leading "layers" axis
+            @nnx.split_rngs(splits=cfg.n_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=cfg.n_layers,
+                      transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs):
+                return Block(cfg, rngs)
+            self.layers = stacked(rngs)
+        else:
+            for i in range(cfg.n_layers):  # string names keep checkpoint and HF paths readable
+                setattr(self, f"layer_{i}", Block(cfg, rngs))
         self.final_norm = Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, rngs)
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
@@ -65,7 +75,10 @@ class GPT(nnx.Module):
             x = x + self.pos_embed(positions)
         x = constrain(self.dropout(x, deterministic=rngs is None, rngs=rngs), ACT)
         mask = attention_mask(segment_ids, None, causal=True, length=T)
-        layer = remat_layer(lambda block, x, rngs: block(x, mask, positions, rngs), self.cfg.remat)
+        call = lambda block, x, rngs: block(x, mask, positions, rngs)
+        if self.cfg.scan_layers:
+            return self.final_norm(_scan_blocks(self.layers, x, call, rngs, self.cfg))
+        layer = remat_layer(call, self.cfg.remat)
         for i in range(self.cfg.n_layers):
             x = constrain(layer(getattr(self, f"layer_{i}"), x, rngs), ACT)
         return self.final_norm(x)
@@ -75,3 +88,40 @@ class GPT(nnx.Module):
         h = self.hidden(tokens_BT, **kw)
         logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
         return logits.astype(jnp.float32)
+
+
+def _scan_blocks(blocks: Block, x: jax.Array, call, rngs: nnx.Rngs | None,
+                 cfg: ModelConfig) -> jax.Array:
+    """The stacked blocks applied in order by one `lax.scan`: XLA compiles one block, not
+    n_layers copies (compile time stays flat as the model deepens). Each layer's dropout draws
+    from its own key, split from one."""
+    graphdef, stacked = nnx.split(blocks)
+    keys = None if rngs is None else jax.random.split(rngs.dropout(), cfg.n_layers)
+
+    def body(x, layer):
+        state, key = layer
+        block = nnx.merge(graphdef, state)
+        return constrain(call(block, x, None if key is None else nnx.Rngs(dropout=key)), ACT), None
+
+    policy = remat_policy(cfg.remat)
+    if policy is not None:
+        body = jax.checkpoint(body, policy=policy)
+    return jax.lax.scan(body, x, (stacked, keys))[0]
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+    """Unrolled naming (`layer_0` ... `layer_{n-1}`) to `model.scan_layers` naming (`layers`, each
+    parameter with a leading axis of n_layers)."""
+    out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    out["layers"] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                 *[params[f"layer_{i}"] for i in range(n_layers)])
+    return out
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of `stack_layers`."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    n = jax.tree.leaves(params["layers"])[0].shape[0]
+    for i in range(n):
+        out[f"layer_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], params["layers"])
+    return out

@@ -109,16 +109,19 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str | None =
     return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
+def remat_policy(remat: str):
+    """The jax.checkpoint policy of `model.remat` ("none": no checkpointing, None)."""
+    return {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+            "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[remat]
+
+
 def remat_layer(call, remat: str):
     """`call(layer, x, rngs)` under activation checkpointing: "none" keeps every activation for
     the backward pass; "full" keeps the layer's input only and recomputes the rest (memory per
     layer ~ one activation, for ~1/3 more FLOPs); "dots" keeps matmul outputs too and recomputes
     only elementwise work. Dropout masks come from the same keys, so the recomputation is exact."""
-    if remat == "none":
-        return call
-    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if remat == "dots"
-              else jax.checkpoint_policies.nothing_saveable)
-    return nnx.remat(call, policy=policy)
+    policy = remat_policy(remat)
+    return call if policy is None else nnx.remat(call, policy=policy)
 
 
 # Logits of one attention chunk (rows of the batch x heads x T x S, float32) kept near this size,
