@@ -59,7 +59,7 @@ ITEMS = ("state", "data", "meta")
 REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
                   "data/metadata", "meta/metadata")
 # Model keys that change neither the parameter tree nor its meaning, so a resume may change them.
-RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attention_dropout", "dtype", "init_std"})
+RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attention_dropout", "dtype", "init_std", "remat"})
 
 
 def _first_line(e: BaseException) -> str:

@@ -68,3 +68,12 @@ def test_init_from_across_layer_layouts_names_the_key(tmp_path):
                                               r"model has model.scan_layers=true; set "
                                               r"model.scan_layers=false"):
         load_init_params(target.cfg, str(tmp_path / "src"), target.init().params)
+
+
+def test_resume_may_change_remat_but_not_the_layer_layout():
+    from bigjax.checkpoint import model_config_diff
+    from bigjax.config import to_dict
+    saved = to_dict(tiny_config("model.remat=full", "model.scan_layers=true"))["model"]
+    assert model_config_diff(saved, to_dict(tiny_config("model.scan_layers=true"))["model"]) == []
+    assert model_config_diff(saved, to_dict(tiny_config("model.remat=full"))["model"]) == [
+        "model.scan_layers (checkpoint True, config False)"]
