@@ -138,29 +138,17 @@ def _gpt2(tmp_path, cls):
     return model, path
 
 
-def test_gpt2_round_trip_logits(tmp_path):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_gpt2_round_trip_logits(tmp_path, scan):
+    """With model.scan_layers, Hugging Face's per-layer tensors stack into the scanned decoder
+    and unstack again on export."""
     torch_model, path = _gpt2(tmp_path, transformers.GPT2LMHeadModel)
     cfg = hf.model_config_for(path)
-    cfg.train.seq_len = 16
+    cfg.train.seq_len, cfg.model.scan_layers = 16, scan
     assert (cfg.model.name, cfg.model.mlp, cfg.model.tie_embeddings) == ("gpt", "gelu_tanh", True)
     params = hf.load_params(path, cfg)
-    ids = _ids(96, (2, 16))
-    ours = np.asarray(bigjax_model(cfg, params)(jnp.asarray(ids)))
-    np.testing.assert_allclose(ours, torch_out(torch_model, input_ids=ids), atol=1e-4, rtol=0)
-    out = str(tmp_path / "export")
-    hf.save_params(params, cfg, out)
-    back = torch_out(transformers.GPT2LMHeadModel.from_pretrained(out), input_ids=ids)
-    np.testing.assert_allclose(back, ours, atol=1e-4, rtol=0)
-
-
-def test_gpt2_into_and_out_of_scanned_layers(tmp_path):
-    """model.scan_layers: Hugging Face's per-layer tensors stack into the scanned decoder, which
-    computes the same logits, and unstack again on export."""
-    torch_model, path = _gpt2(tmp_path, transformers.GPT2LMHeadModel)
-    cfg = hf.model_config_for(path)
-    cfg.train.seq_len, cfg.model.scan_layers = 16, True
-    params = hf.load_params(path, cfg)
-    assert params["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
+    if scan:
+        assert params["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
     ids = _ids(96, (2, 16))
     ours = np.asarray(bigjax_model(cfg, params)(jnp.asarray(ids)))
     np.testing.assert_allclose(ours, torch_out(torch_model, input_ids=ids), atol=1e-4, rtol=0)
