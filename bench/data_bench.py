@@ -38,15 +38,18 @@ def lm_rows(args, tmp: str) -> list[dict]:
     t0 = time.perf_counter()
     data = build_lm_data(cfg, tmp)  # read the corpus, tokenize, split, pack
     prep_s = time.perf_counter() - t0
-    tokens = data.info["train_tokens"]
+    return loader_rows("lm packing", data, data.info["train_tokens"] / prep_s, cfg, args), data
+
+
+def loader_rows(name: str, data, prepare_tok_s: float, cfg, args) -> list[dict]:
+    """One row per `--workers` value: the loader's steady-state speed over `data.train`."""
     rows = []
     for workers in args.workers:
         cfg.data.workers = workers
         speed = measure_throughput(data.train, args.batch, cfg, args.seconds)
-        rows.append({"pipeline": "lm packing", "workers": workers,
-                     "prepare_tok_s": tokens / prep_s, "loader_tok_s": speed["tokens_per_s"],
-                     "examples_s": speed["examples_per_s"]})
-    return rows, data
+        rows.append({"pipeline": name, "workers": workers, "prepare_tok_s": prepare_tok_s,
+                     "loader_tok_s": speed["tokens_per_s"], "examples_s": speed["examples_per_s"]})
+    return rows
 
 
 def classification_rows(args, tmp: str, texts: list[str]) -> list[dict]:
@@ -65,14 +68,7 @@ def classification_rows(args, tmp: str, texts: list[str]) -> list[dict]:
     data = build_classification_data(cfg, cfg.run.dir)
     prep_s = time.perf_counter() - t0
     tokens = int(sum(data.train[i]["attention_mask"].sum() for i in range(len(data.train))))
-    rows = []
-    for workers in args.workers:
-        cfg.data.workers = workers
-        speed = measure_throughput(data.train, args.batch, cfg, args.seconds)
-        rows.append({"pipeline": "classification", "workers": workers,
-                     "prepare_tok_s": tokens / prep_s, "loader_tok_s": speed["tokens_per_s"],
-                     "examples_s": speed["examples_per_s"]})
-    return rows
+    return loader_rows("classification", data, tokens / prep_s, cfg, args)
 
 
 def step_tokens_per_s(args, vocab: int) -> float:

@@ -138,6 +138,17 @@ def _gpt2(tmp_path, cls):
     return model, path
 
 
+def assert_round_trip(torch_model, cfg, params, vocab: int, tmp_path, load_cls) -> None:
+    """bigjax's logits equal PyTorch's, and so do those of the exported checkpoint reloaded."""
+    ids = _ids(vocab, (2, 16))
+    ours = np.asarray(bigjax_model(cfg, params)(jnp.asarray(ids)))
+    np.testing.assert_allclose(ours, torch_out(torch_model, input_ids=ids), atol=1e-4, rtol=0)
+    out = str(tmp_path / "export")
+    hf.save_params(params, cfg, out)
+    back = torch_out(load_cls.from_pretrained(out), input_ids=ids)
+    np.testing.assert_allclose(back, ours, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
 def test_gpt2_round_trip_logits(tmp_path, scan):
     """With model.scan_layers, Hugging Face's per-layer tensors stack into the scanned decoder
@@ -149,13 +160,7 @@ def test_gpt2_round_trip_logits(tmp_path, scan):
     params = hf.load_params(path, cfg)
     if scan:
         assert params["layers"]["attn"]["query"]["kernel"].shape == (2, 32, 4, 8)
-    ids = _ids(96, (2, 16))
-    ours = np.asarray(bigjax_model(cfg, params)(jnp.asarray(ids)))
-    np.testing.assert_allclose(ours, torch_out(torch_model, input_ids=ids), atol=1e-4, rtol=0)
-    out = str(tmp_path / "export")
-    hf.save_params(params, cfg, out)
-    back = torch_out(transformers.GPT2LMHeadModel.from_pretrained(out), input_ids=ids)
-    np.testing.assert_allclose(back, ours, atol=1e-4, rtol=0)
+    assert_round_trip(torch_model, cfg, params, 96, tmp_path, transformers.GPT2LMHeadModel)
 
 
 def test_gpt2_bare_model_imports_like_the_lm_head_model(tmp_path):
@@ -180,13 +185,7 @@ def test_llama_gqa_round_trip_logits(tmp_path):
     cfg.train.seq_len = 16
     assert (cfg.model.positions, cfg.model.n_kv_heads, cfg.model.mlp) == ("rotary", 2, "swiglu")
     params = hf.load_params(path, cfg)
-    ids = _ids(80, (2, 16))
-    ours = np.asarray(bigjax_model(cfg, params)(jnp.asarray(ids)))
-    np.testing.assert_allclose(ours, torch_out(torch_model, input_ids=ids), atol=1e-4, rtol=0)
-    out = str(tmp_path / "export")
-    hf.save_params(params, cfg, out)
-    back = torch_out(transformers.AutoModelForCausalLM.from_pretrained(out), input_ids=ids)
-    np.testing.assert_allclose(back, ours, atol=1e-4, rtol=0)
+    assert_round_trip(torch_model, cfg, params, 80, tmp_path, transformers.AutoModelForCausalLM)
 
 
 def test_bad_checkpoints_name_the_file_or_tensor(tmp_path):
