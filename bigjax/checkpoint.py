@@ -23,7 +23,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax.config import CheckpointConfig
 from bigjax.distributed import private_path
-from bigjax.errors import CheckpointError
+from bigjax.errors import CheckpointError, first_line
 from bigjax.mesh import path_str
 
 log = logging.getLogger("bigjax")
@@ -60,11 +60,6 @@ REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocd
                   "data/metadata", "meta/metadata")
 # Model keys that change neither the parameter tree nor its meaning, so a resume may change them.
 RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attention_dropout", "dtype", "init_std", "remat"})
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:300]
 
 
 def unwritable_reason(directory: str) -> str | None:
@@ -190,8 +185,9 @@ class Checkpointer:
 
     def _write_error(self, step: int | None, e: BaseException) -> CheckpointError:
         # An async save fails in its thread and surfaces at the next call, so name no step.
-        kept = [c.step for c in list_checkpoints(os.path.dirname(self.directory)) if c.complete]
-        reason = _first_line(e)
+        kept = [s for s in self.all_steps()
+                if not missing_files(os.path.join(self.directory, str(s)))]
+        reason = first_line(e)
         code = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore hides errno at the end
         if code:
             reason = f"{os.strerror(int(code.group(1)))} ({reason[:200]})"
@@ -208,7 +204,7 @@ class Checkpointer:
             out = self.manager.restore(step, args=args)
         except Exception as e:  # tensorstore, orbax and JSON report damage with many types
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} cannot be restored: {_first_line(e)}")
+                f"checkpoint step {step} in {self.directory} cannot be restored: {first_line(e)}")
         return Restored(step, out["state"], out["data"], out["meta"])
 
     def read_meta(self, step: int) -> dict:
@@ -218,7 +214,7 @@ class Checkpointer:
                 return json.load(fh)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint step {step} in {self.directory}: metadata "
-                                  f"unreadable ({_first_line(e)})")
+                                  f"unreadable ({first_line(e)})")
 
     def _check(self, step: int, abstract_state: Any, model_config: dict) -> None:
         """Raise CheckpointError (damaged) or ModelMismatch (fine, but another model's)."""
@@ -236,7 +232,7 @@ class Checkpointer:
         try:
             saved = flat_shapes(read_tree_metadata(os.path.join(self.directory, str(step), "state")))
         except Exception as e:
-            raise CheckpointError(f"{where}: array metadata unreadable ({_first_line(e)})")
+            raise CheckpointError(f"{where}: array metadata unreadable ({first_line(e)})")
         want = flat_shapes(abstract_state)
         diff = [f"{k} (checkpoint {saved.get(k, 'absent')}, model {want.get(k, 'absent')})"
                 for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]

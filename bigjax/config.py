@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-from bigjax.errors import ConfigError
+from bigjax.errors import ConfigError, first_line
 
 
 @dataclass
@@ -301,7 +301,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             with open(path, encoding="utf-8") as fh:
                 data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}")
+            raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(e)}")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys")
     data = apply_overrides(data, list(overrides or []))
@@ -321,6 +321,8 @@ def validate(cfg: Config) -> None:
         "distributed.timeout_s": cfg.distributed.timeout_s,
         "checkpoint.keep_best": cfg.checkpoint.keep_best,
     }
+    if cfg.task.name == "masked_lm" and not 0 < cfg.task.mlm_probability < 1:
+        raise ConfigError(f"task.mlm_probability must be in (0, 1), got {cfg.task.mlm_probability}")
     if m.scan_layers and m.name == "bert":
         raise ConfigError("model.scan_layers stacks the decoder's blocks (model.name=gpt); the BERT "
                           "encoder's layers stay unrolled, set model.scan_layers=false")

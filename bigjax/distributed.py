@@ -18,12 +18,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Callable, Mapping
 
 import jax
 
 from bigjax.config import DistributedConfig
-from bigjax.errors import BigjaxError
+from bigjax.errors import BigjaxError, first_line
 
 DEFAULT_PORT = 8476  # coordinator port when a cluster gives a host but no port
 AUTO = "auto"  # distributed.coordinator value: let JAX detect the cluster (TPU pod VMs)
@@ -141,43 +141,17 @@ def detect(cfg: DistributedConfig) -> Cluster | None:
     return Cluster(coordinator, num, pid, source, found.local_device_ids if found else None)
 
 
-class _JoinWatchdog:
-    """Ends the process with one clear line if the peers have not all joined in time.
+class Watchdog:
+    """Ends this process with one line and `exit_code` when `timeout_s` pass without a `beat`
+    (0 = disarmed); `stop` disarms it. The thread sleeps until the exact deadline, no polling."""
 
-    JAX's own join timeout aborts with a C++ stack trace; this fires a few seconds earlier.
-    """
-
-    def __init__(self, cluster: Cluster, timeout_s: int):
+    def __init__(self, timeout_s: float, message: Callable[[float, str], str], exit_code: int, *,
+                 what: str = "the start", stacks: bool = False):
+        self._timeout_s, self._message, self._exit_code = timeout_s, message, exit_code
+        self._last, self._what, self._stacks = time.monotonic(), what, stacks
         self._done = threading.Event()
-        self._cluster, self._timeout_s = cluster, timeout_s
-        threading.Thread(target=self._watch, name="bigjax-join-watchdog", daemon=True).start()
-
-    def _watch(self) -> None:
-        if self._done.wait(self._timeout_s):
-            return
-        c = self._cluster
-        who = f"process {c.process_id} of {c.num_processes}" if c.num_processes else "this process"
-        print(f"bigjax: error: distributed: {who} waited "
-              f"distributed.timeout_s={self._timeout_s} s for all processes to join the "
-              f"coordinator at {c.coordinator or 'the detected address'} ({c.source}); check that "
-              "every process was started and can reach that address", file=sys.stderr, flush=True)
-        os._exit(2)
-
-    def cancel(self) -> None:
-        self._done.set()
-
-
-class HangWatchdog:
-    """Ends this process when the training loop makes no progress for `timeout_s` on several
-    processes: a peer stuck alive (a storage read, a deadlocked collective) keeps JAX's heartbeat
-    going, so nothing else would end the wait. Prints every thread's stack, then one line, and exits
-    1 so the launcher can restart the job from the last complete checkpoint."""
-
-    def __init__(self, timeout_s: int):
-        self._timeout_s, self._last, self._what = timeout_s, time.monotonic(), "the first step"
-        self._done = threading.Event()
-        if timeout_s > 0 and jax.process_count() > 1:
-            threading.Thread(target=self._watch, name="bigjax-hang-watchdog", daemon=True).start()
+        if timeout_s > 0:
+            threading.Thread(target=self._watch, name="bigjax-watchdog", daemon=True).start()
 
     def beat(self, what: str) -> None:
         self._last, self._what = time.monotonic(), what
@@ -186,17 +160,31 @@ class HangWatchdog:
         self._done.set()
 
     def _watch(self) -> None:
-        while not self._done.wait(min(10.0, self._timeout_s / 5)):
-            idle = time.monotonic() - self._last
-            if idle < self._timeout_s:
-                continue
+        while (left := self._last + self._timeout_s - time.monotonic()) > 0:
+            if self._done.wait(left):
+                return
+        if self._done.is_set():
+            return
+        if self._stacks:
             faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-            print(f"bigjax: error: distributed: process {jax.process_index()} of "
-                  f"{jax.process_count()} made no progress for {idle:.0f} s after {self._what} "
-                  f"(distributed.hang_timeout_s={self._timeout_s}); a process is hung (stacks "
-                  "above); exiting so that the job restarts from its last complete checkpoint",
-                  file=sys.stderr, flush=True)
-            os._exit(1)
+        idle = time.monotonic() - self._last
+        print(f"bigjax: error: distributed: {self._message(idle, self._what)}", file=sys.stderr,
+              flush=True)
+        os._exit(self._exit_code)
+
+
+def hang_watchdog(timeout_s: int) -> Watchdog:
+    """Armed on several processes only: a peer stuck alive (a storage read, a deadlocked
+    collective) keeps JAX's heartbeat going, so nothing else would end the wait. Prints every
+    thread's stack, then one line, and exits 1 so the launcher can restart the job from the last
+    complete checkpoint. The trainer beats after each step and evaluation batch."""
+    def message(idle: float, what: str) -> str:
+        return (f"process {jax.process_index()} of {jax.process_count()} made no progress for "
+                f"{idle:.0f} s after {what} (distributed.hang_timeout_s={timeout_s}); a process is "
+                "hung (stacks above); exiting so that the job restarts from its last complete "
+                "checkpoint")
+    return Watchdog(timeout_s if jax.process_count() > 1 else 0, message, 1,
+                    what="the first step", stacks=True)
 
 
 def initialize(cfg: DistributedConfig) -> Cluster | None:
@@ -204,7 +192,13 @@ def initialize(cfg: DistributedConfig) -> Cluster | None:
     cluster = detect(cfg)
     if cluster is None or jax.distributed.is_initialized():
         return cluster
-    watchdog = _JoinWatchdog(cluster, cfg.timeout_s)
+    who = (f"process {cluster.process_id} of {cluster.num_processes}" if cluster.num_processes
+           else "this process")
+    # JAX's own join timeout aborts with a C++ stack trace; this one speaks a few seconds earlier
+    watchdog = Watchdog(cfg.timeout_s, lambda idle, what: (
+        f"{who} waited distributed.timeout_s={cfg.timeout_s} s for all processes to join the "
+        f"coordinator at {cluster.coordinator or 'the detected address'} ({cluster.source}); "
+        "check that every process was started and can reach that address"), 2)
     try:
         jax.distributed.initialize(
             cluster.coordinator, num_processes=cluster.num_processes,
@@ -218,9 +212,9 @@ def initialize(cfg: DistributedConfig) -> Cluster | None:
             shutdown_timeout_seconds=cfg.timeout_s)
     except (RuntimeError, ValueError) as e:
         raise DistributedError(f"distributed: cannot join the runtime ({cluster.source}): "
-                               f"{str(e).strip().splitlines()[0][:300]}")
+                               f"{first_line(e)}")
     finally:
-        watchdog.cancel()
+        watchdog.stop()
     return cluster
 
 
@@ -272,7 +266,7 @@ def exit_if_peer_lost(e: BaseException) -> None:
     """
     if not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
         return
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    first = first_line(e)
     print(f"bigjax: error: distributed: process {jax.process_index()} of {jax.process_count()}: "
           f"a computation across processes failed, most likely because another process died "
           f"(see its log): {first}", file=sys.stderr, flush=True)

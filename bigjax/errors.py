@@ -15,3 +15,9 @@ class DataError(BigjaxError):
 
 class CheckpointError(BigjaxError):
     pass
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An underlying error as one line of a bigjax message: its first line, or its type name."""
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:limit]

@@ -15,10 +15,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bigjax.checkpoint import missing_files, read_tree_metadata
+from bigjax.checkpoint import flat_shapes, missing_files, read_tree_metadata
 from bigjax.config import Config
-from bigjax.errors import CheckpointError
+from bigjax.errors import CheckpointError, first_line
 from bigjax.mesh import path_str
+from bigjax.state import nest_paths
 
 log = logging.getLogger("bigjax")
 
@@ -34,6 +35,16 @@ def _unflat_like(flat: dict[str, Any], like: Any) -> Any:
     paths, treedef = jax.tree_util.tree_flatten_with_path(like)
     keys = [path_str(p) for p, _ in paths]
     return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
+
+
+def source_run_dir(source: str) -> str:
+    """The run dir behind an `init.from` value (run dir, its checkpoints dir or one step dir,
+    with optional `@step`), from the path alone: the data pipeline looks there for the tokenizer
+    before any checkpoint is read."""
+    path = os.path.normpath(source.partition("@")[0])
+    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+        path = os.path.dirname(path)
+    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
 def resolve_step_dir(source: str) -> str:
@@ -65,34 +76,27 @@ def resolve_step_dir(source: str) -> str:
 
 def _from_checkpoint(step_dir: str, fresh: dict[str, Any]) -> tuple[dict, dict]:
     """(arrays read into the fresh shardings for names whose shapes agree, the source's shapes)."""
-    state_dir = os.path.abspath(os.path.join(step_dir, "state"))  # orbax needs absolute paths
-    ckptr = ocp.PyTreeCheckpointer()
+    state_dir = os.path.join(step_dir, "state")
     try:
-        tree = read_tree_metadata(state_dir)
-        shapes = {k: tuple(v.shape) for k, v in _flat(tree["params"]).items()}
+        shapes = flat_shapes(read_tree_metadata(state_dir)["params"])
     except Exception as e:
         raise CheckpointError(f"init.from: cannot read the parameter list of {state_dir}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+                              f"{first_line(e, 200)}")
     _check_shapes(shapes, fresh)
     wanted = {k: v for k, v in fresh.items() if k in shapes}
     if not wanted:
         return {}, shapes
-    nested: dict = {}
-    for key, v in wanted.items():
-        node = nested
-        parts = key.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-    item = {"params": nested}
+    item = {"params": nest_paths({tuple(k.split("/")): jax.ShapeDtypeStruct(
+        v.shape, v.dtype, sharding=v.sharding) for k, v in wanted.items()})}
     restore_args = jax.tree.map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, dtype=a.dtype),
                                 item)
     try:
-        out = ckptr.restore(state_dir, args=ocp.args.PyTreeRestore(
-            item=item, restore_args=restore_args, partial_restore=True))
+        out = ocp.PyTreeCheckpointer().restore(
+            os.path.abspath(state_dir),  # orbax needs absolute paths
+            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:
         raise CheckpointError(f"init.from: cannot read parameters from {state_dir}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+                              f"{first_line(e, 200)}")
     return _flat(out["params"]), shapes
 
 

@@ -18,20 +18,14 @@ Prediction = tuple[str, float]  # (label name, its probability)
 
 
 def probs_fn(spec: ModelSpec) -> Callable:
-    """(params, model_state, batch) -> class probabilities (B, K); pure, for jax.jit."""
+    """(params, model_state, batch) -> class probabilities (B, K); pure, jitted like the eval step
+    (`step.jit_eval_step`)."""
     def probs(params, model_state, batch):
         model = nnx.merge(spec.graphdef, params, model_state, copy=True)
         logits = model(batch["input_ids"], token_type_ids=batch["token_type_ids"],
                        attention_mask=batch["attention_mask"], rngs=None)
         return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     return probs
-
-
-def jit_probs(fn: Callable, param_shardings: Any, model_state_shardings: Any,
-              batch_sharding: NamedSharding) -> Callable:
-    replicated = NamedSharding(batch_sharding.mesh, P())
-    return jax.jit(fn, in_shardings=(param_shardings, model_state_shardings, batch_sharding),
-                   out_shardings=replicated)
 
 
 def predict_texts(probs_fn: Callable, params: Any, model_state: Any, tok, texts: Sequence[str],

@@ -125,9 +125,6 @@ class Classification:
 
 
 def _masked_lm(cfg: Config) -> Task:
-    p = cfg.task.mlm_probability
-    if not 0 < p < 1:
-        raise ConfigError(f"task.mlm_probability must be in (0, 1), got {p}")
     return MaskedLM()
 
 

@@ -51,11 +51,12 @@ class Trainer:
     """`Trainer(config_or_path, overrides).train()`; `.evaluate()` returns validation metrics."""
 
     def __init__(self, config: Config | str | os.PathLike | None = None,
-                 overrides: list[str] | None = None, *, lazy_data: bool = False):
-        """`lazy_data`: read the data on first use, not here (a finished run's `predict` needs only
-        its saved tokenizer, not another pass over the training files)."""
+                 overrides: list[str] | None = None, *, saved: bool = False):
+        """`saved`: the config is a run's own config.yaml (`from_run`), whose sizes are already
+        resolved: the `init.from: hf:` source is not read again (it may be gone), and the data
+        only on first use (`predict` needs the saved tokenizer, not the training files)."""
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
-        if cfg.init.from_.startswith("hf:"):  # sizes come from the checkpoint's config.json
+        if cfg.init.from_.startswith("hf:") and not saved:  # sizes from the HF config.json
             from bigjax.config import validate
             from bigjax.hf import apply_hf_model_config
             apply_hf_model_config(cfg, cfg.init.from_[3:])
@@ -66,8 +67,8 @@ class Trainer:
         self._check_batch()
         self.run_dir = prepare_run_dir(cfg.run.dir)
         self._data = None
-        if not lazy_data or cfg.model.vocab_size == 0 or (cfg.task.name == "classification"
-                                                          and cfg.task.num_labels == 0):
+        if not saved or cfg.model.vocab_size == 0 or (cfg.task.name == "classification"
+                                                      and cfg.task.num_labels == 0):
             self.data  # bad data fails here; sizes that come from the data are needed now
         if cfg.model.vocab_size == 0:
             cfg.model.vocab_size = _pad_vocab(len(self.data.tokenizer))
@@ -92,7 +93,7 @@ class Trainer:
         self._stop_requested = False
         self.stop_signal: int | None = None  # the signal that stopped train() early, if any
         self.preempted = False
-        self._watchdog = distributed.HangWatchdog(0)  # armed by train() after its first step
+        self._watchdog = distributed.hang_watchdog(0)  # armed by train() after its first step
 
     @property
     def data(self):
@@ -187,20 +188,19 @@ class Trainer:
             raise CheckpointError(f"'{run_dir}' is not a bigjax run dir (no config.yaml in it)")
         cfg = load_config(path, [f"run.dir={os.path.abspath(run_dir)}", "checkpoint.resume=must",
                                  *(overrides or [])])
-        return cls(cfg, lazy_data=True)
+        return cls(cfg, saved=True)
 
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:
         """(label name, probability) of the most likely class for each text."""
         from bigjax.data.classification import load_label_names
-        from bigjax.predict import jit_probs, predict_texts, probs_fn
+        from bigjax.predict import predict_texts, probs_fn
         if self.cfg.task.name != "classification":
             raise ConfigError(f"predict needs a classification run; this one has "
                               f"task.name={self.cfg.task.name}")
         state = self.init_state()
         if not hasattr(self, "_probs_fn"):
             fn = with_activation_sharding(probs_fn(self.spec), self.mesh, self.cfg.sharding.rules)
-            self._probs_fn = jit_probs(fn, self.shardings.params, self.shardings.model_state,
-                                       self.batch_sharding)
+            self._probs_fn = jit_eval_step(fn, self.shardings, self.batch_sharding)
         names = load_label_names(self.run_dir) or [str(i) for i in range(self.cfg.task.num_labels)]
         return predict_texts(self._probs_fn, state.params, state.model_state, self._tokenizer(),
                              list(texts), names, seq_len=self.cfg.train.seq_len,
@@ -267,7 +267,7 @@ class Trainer:
                 state, metrics = self.train_step(state, batch)
                 step += 1
                 if step == start + 1:  # compiled and dispatched: from here on, steps are progress
-                    self._watchdog = distributed.HangWatchdog(cfg.distributed.hang_timeout_s)
+                    self._watchdog = distributed.hang_watchdog(cfg.distributed.hang_timeout_s)
                 self._watchdog.beat(f"step {step}")
                 if pending is not None:  # the previous logged step: fetched while this one runs
                     t_last, step_last = self._log(report, pending, t_last, step_last,

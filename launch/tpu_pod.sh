@@ -3,11 +3,12 @@
 # worker, run the same `bigjax train` on all of them, and collect one log per worker.
 #
 # Needs: gcloud, logged in, with a default project (or $PROJECT); quota for the accelerator; a
-# run.dir that every worker reaches (a gs:// bucket path, or a shared disk).
+# run.dir on a disk that every worker mounts at the same path (NFS, Filestore): bigjax writes its
+# run dir with ordinary file operations, so gs:// paths are not supported.
 # Usage: launch/tpu_pod.sh NAME ZONE ACCELERATOR CONFIG [key=value ...]
 # Example:
 #   launch/tpu_pod.sh bigjax-pod us-central2-b v4-32 configs/gpt_tiny.yaml \
-#     run.dir=gs://my-bucket/runs/gpt mesh.fsdp=4
+#     run.dir=/mnt/shared/runs/gpt mesh.fsdp=4
 #
 # Environment: PROJECT, RUNTIME (TPU software version, default tpu-ubuntu2204-base),
 # SPOT=1 (spot VMs), LOG_DIR (default logs/NAME), DRY_RUN=1 (print the gcloud commands only).

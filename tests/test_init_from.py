@@ -172,3 +172,12 @@ def test_listing_marks_unfinished_and_cut_checkpoints(source, tmp_path, capsys):
         ("9", "INCOMPLETE: unfinished save (orbax ignores it)")]
     assert run(["checkpoints", str(tmp_path / "nope")]) == 2
     assert capsys.readouterr().err == f"bigjax: error: run dir '{tmp_path}/nope' does not exist\n"
+
+
+def test_source_run_dir_finds_the_run_behind_any_init_from_spelling():
+    """The data pipeline finds the source's tokenizer in its run dir, whichever way init.from
+    names the source (a step dir too: the run's tokenizer is two levels up)."""
+    from bigjax.init_from import source_run_dir
+    for spec in ("runs/a", "runs/a/", "runs/a@5", "runs/a/checkpoints", "runs/a/checkpoints@3",
+                 "runs/a/checkpoints/100"):
+        assert source_run_dir(spec) == "runs/a", spec

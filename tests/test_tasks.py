@@ -192,3 +192,16 @@ def test_mlm_probability_must_be_a_fraction():
     with pytest.raises(ConfigError) as e:
         make_task(load_config(None, ["task.name=masked_lm", "task.mlm_probability=1.5"]))
     assert str(e.value) == "task.mlm_probability must be in (0, 1), got 1.5"
+
+
+def test_masked_lm_reads_the_builtin_corpus(tmp_path):
+    """Masked-LM data from a builtin (or tfds) source, not only from files."""
+    from bigjax.data.mlm import build_mlm_data
+    cfg = load_config(None, ["task.name=masked_lm", "model.name=bert", "data.source=builtin:pydocs",
+                             "data.max_chars=20000", "data.vocab_size=300", "train.seq_len=32",
+                             f"run.dir={tmp_path}"])
+    data = build_mlm_data(cfg, str(tmp_path))
+    ex = data.train[0]
+    assert ex["input_ids"].shape == (32,) and ex["masked_positions"].shape == (5,)
+    assert len(data.train) > 10 and len(data.eval) > 0
+    assert (tmp_path / "tokenizer").is_dir()

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from typing import Sequence
 
 import numpy as np
 
 from bigjax.config import Config
-from bigjax.data.tokenizer import load_tokenizer
+from bigjax.data.tokenizer import load_tokenizer, publish
 from bigjax.distributed import private_path
 from bigjax.errors import DataError
 
@@ -72,27 +71,8 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     tmp = private_path(out_dir)
     fast.save_pretrained(tmp)
-    _publish(tmp, out_dir)
+    publish(tmp, out_dir)
     return load_tokenizer(out_dir)
-
-
-def _publish(tmp: str, final: str) -> None:
-    """Move a finished dir into place; if another process got there first (same content: the
-    vocabulary is deterministic), keep theirs."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not os.path.isdir(final):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _init_source_dir(init_from: str) -> str | None:
-    """The run dir behind `init.from` (run dir, its checkpoints dir, either with @step)."""
-    path = init_from.split("@")[0].rstrip("/")
-    if os.path.basename(path) == "checkpoints":
-        path = os.path.dirname(path)
-    return path or None
 
 
 def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
@@ -108,7 +88,8 @@ def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
     elif init.startswith("hf:"):
         tok = load_tokenizer(init[3:])
     elif init:
-        src = os.path.join(_init_source_dir(init), "tokenizer")
+        from bigjax.init_from import source_run_dir
+        src = os.path.join(source_run_dir(init), "tokenizer")
         if not os.path.isdir(src):
             raise DataError(f"init.from={init}: that run has no tokenizer dir '{src}'; "
                             "set data.tokenizer to the tokenizer it was trained with")
@@ -120,7 +101,7 @@ def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
                         "token; a BERT task needs a BERT-style (WordPiece) tokenizer")
     tmp = private_path(own)
     tok.save_pretrained(tmp)
-    _publish(tmp, own)
+    publish(tmp, own)
     return tok
 
 
@@ -194,6 +175,8 @@ class MaskedExamples:
         self.special = np.asarray(sorted(set(tok.all_special_ids)), np.int32)
         self.random_ids = np.setdiff1d(np.arange(len(tok), dtype=np.int32), self.special)
         self.max_predictions = num_predictions(arrays["input_ids"].shape[1], probability)
+        # once for all examples and epochs: real tokens that are not special
+        self.maskable = (arrays["attention_mask"] > 0) & ~np.isin(arrays["input_ids"], self.special)
 
     def __len__(self) -> int:
         return self.n * self.epochs
@@ -201,9 +184,8 @@ class MaskedExamples:
     def __getitem__(self, k: int) -> Example:
         epoch, i = divmod(int(k), self.n)
         ids, attn = self.arrays["input_ids"][i], self.arrays["attention_mask"][i]
-        maskable = (attn > 0) & ~np.isin(ids, self.special)
         rng = np.random.default_rng([self.seed, epoch, i])
-        out = mask_tokens(ids, maskable, rng, probability=self.probability,
+        out = mask_tokens(ids, self.maskable[i], rng, probability=self.probability,
                           mask_id=self.mask_id, random_ids=self.random_ids,
                           max_predictions=self.max_predictions)
         return {**out, "attention_mask": attn, "token_type_ids": self.arrays["token_type_ids"][i]}
@@ -213,7 +195,7 @@ def build_mlm_data(cfg: Config, run_dir: str):
     """Train and eval sources for `task.name: masked_lm`, read by the pipeline's text reader."""
     from bigjax.data.pipeline import Data, read_texts, split_docs
     if cfg.data.source.startswith(("builtin:", "tfds:")):
-        texts = read_texts(cfg)
+        texts, _ = read_texts(cfg)
     else:  # files: with the data.on_bad_rows policy, counting skipped rows
         from bigjax.data.classification import read_rows
         rows, _, skipped = read_rows(cfg, cfg.data.source, (cfg.data.text_field,))

@@ -28,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
-from bigjax.errors import DataError
+from bigjax.errors import DataError, first_line
 
 FILE_KINDS = (".txt", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
@@ -186,7 +186,7 @@ class RecordReader:
         try:
             pf = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises several types for a corrupt file
-            raise DataError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})")
+            raise DataError(f"{path}: not a readable Parquet file ({first_line(e)})")
         self._check_columns(path, pf.schema_arrow.names)
         i = 0
         for batch in pf.iter_batches(columns=list(self.fields) or None):

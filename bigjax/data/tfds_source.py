@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from bigjax.data.sources import RecordReader
-from bigjax.errors import DataError
+from bigjax.errors import DataError, first_line
 
 
 def _plain(value: Any) -> Any:
@@ -97,7 +97,7 @@ def tfds_records(spec: str, split: str, data_dir: str = "",
         hint = f"close names: {', '.join(close)}" if close else "see tfds.list_builders()"
         raise DataError(f"data.source: unknown tensorflow-datasets name '{name}' ({hint})")
     except (ValueError, ImportError) as e:
-        raise DataError(f"data.source: cannot open tfds:{name}: {str(e).splitlines()[0]}")
+        raise DataError(f"data.source: cannot open tfds:{name}: {first_line(e)}")
     known_splits = list(builder.info.splits.keys())
     base_split = split.split("[")[0]
     if known_splits and base_split not in known_splits:
@@ -114,5 +114,5 @@ def tfds_records(spec: str, split: str, data_dir: str = "",
                 f"--file_format array_record` (or the same with tfds.builder(...)."
                 f"download_and_prepare(file_format='array_record')) and set data.dir")
         raise DataError(f"data.source: cannot read tfds:{name} split '{split}': "
-                        f"{str(e).splitlines()[0]} (prepare it with --file_format array_record)")
+                        f"{first_line(e)} (prepare it with --file_format array_record)")
     return TfdsRecords(source, name, split, fields)

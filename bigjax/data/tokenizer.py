@@ -11,7 +11,7 @@ import shutil
 import tempfile
 from typing import Iterable
 
-from bigjax.errors import DataError
+from bigjax.errors import DataError, first_line
 
 EOS, PAD = "<|endoftext|>", "<pad>"
 MIN_VOCAB = 258
@@ -41,11 +41,19 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
     fast.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out_dir)
-    except OSError:  # another process on a shared disk got there first with the same tokenizer
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish(tmp, out_dir)
     return load_tokenizer(out_dir)
+
+
+def publish(tmp: str, final: str) -> None:
+    """Move a finished dir into place; if another process got there first (same content: the
+    tokenizers trained here are deterministic), keep theirs."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if not os.path.isdir(final):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_tokenizer(path: str):
@@ -56,4 +64,4 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise DataError(f"cannot load a tokenizer from '{path}': {str(e).splitlines()[0]}")
+        raise DataError(f"cannot load a tokenizer from '{path}': {first_line(e)}")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from bigjax.config import Config, ModelConfig
-from bigjax.errors import CheckpointError
+from bigjax.errors import CheckpointError, first_line
 from bigjax.hf import names
 from bigjax.hf.configs import hf_config_from_bigjax, model_config_from_hf, read_hf_config
 from bigjax.state import nest_paths
@@ -64,7 +64,7 @@ def _read_tensors(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
     try:
         return load_file(path), path
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise CheckpointError(f"'{path}' is not a readable safetensors file: {str(e).splitlines()[0]}")
+        raise CheckpointError(f"'{path}' is not a readable safetensors file: {first_line(e)}")
 
 
 def load_params(hf_dir: str, cfg: Config) -> dict:

@@ -18,11 +18,6 @@ from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm
 ACT = ("batch", "length", "act_embed")
 
 
-def _dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
-    # layers.dropout: half the random-bit cost of nnx.Dropout, which shows in a CPU step
-    return x if rngs is None or rate <= 0 else layers.dropout(x, rate, rngs.dropout())
-
-
 class BertLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
@@ -41,7 +36,7 @@ class BertLayer(nnx.Module):
     def __call__(self, x, mask, rngs, positions_BP: jax.Array | None = None):
         """With `positions_BP`, the output at those positions alone (B×P×D); keys and values still
         come from every position, so those outputs equal the full layer's."""
-        drop = lambda h: _dropout(h, self.rate, rngs)
+        drop = lambda h: layers.drop(h, self.rate, rngs)
         q = x
         if positions_BP is not None:
             rows = lambda a: jnp.take_along_axis(a, positions_BP[:, :, None], axis=1)
@@ -91,7 +86,7 @@ class Bert(nnx.Module):
             token_type_ids = jnp.zeros((B, T), jnp.int32)
         x = (self.embed(input_ids_BT) + self.pos_embed(jnp.arange(T)[None])
              + self.type_embed(token_type_ids))
-        x = _dropout(self.embed_norm(x), self.rate, rngs)
+        x = layers.drop(self.embed_norm(x), self.rate, rngs)
         x = constrain(x, ACT)
         mask = layers.attention_mask(None, attention_mask, causal=False, length=T)
         last = self.cfg.n_layers - 1
@@ -103,8 +98,6 @@ class Bert(nnx.Module):
             else:
                 x = every(layer, x, rngs)
             x = constrain(x, ACT)
-        if self.cfg.n_layers == 0 and positions_BP is not None:
-            x = jnp.take_along_axis(x, positions_BP[:, :, None], axis=1)
         return x
 
     def __call__(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
@@ -124,7 +117,7 @@ class Bert(nnx.Module):
             h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(h), approximate=False))
             return (self.embed.attend(h) + self.mlm_bias[...]).astype(jnp.float32)
         if self.head == "classification":
-            pooled = _dropout(self.pool(h), self.rate, rngs)
+            pooled = layers.drop(self.pool(h), self.rate, rngs)
             return self.classifier(pooled).astype(jnp.float32)
         return h.astype(jnp.float32)
 

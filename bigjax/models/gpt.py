@@ -11,6 +11,7 @@ from flax import nnx
 
 from bigjax.config import ModelConfig
 from bigjax.mesh import constrain
+from bigjax.models import layers
 from bigjax.models.layers import (MLP, Attention, Dense, Embed, Norm, attention_mask, remat_layer,
                                   remat_policy)
 
@@ -34,10 +35,10 @@ class Block(nnx.Module):
         self.mlp_norm = norm()
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, use_bias=cfg.use_bias, dtype=dtype,
                        std=cfg.init_std, out_std=out_std, rngs=rngs)
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.rate = cfg.dropout
 
     def __call__(self, x, mask, positions, rngs):
-        drop = lambda h: self.dropout(h, deterministic=rngs is None, rngs=rngs)
+        drop = lambda h: layers.drop(h, self.rate, rngs)
         x = x + drop(self.attn(self.attn_norm(x), mask, positions, rngs))
         return x + drop(self.mlp(self.mlp_norm(x)))
 
@@ -63,7 +64,7 @@ class GPT(nnx.Module):
         self.lm_head = (None if cfg.tie_embeddings else
                         Dense((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), use_bias=False,
                               dtype=dtype, std=cfg.init_std, rngs=rngs))
-        self.dropout = nnx.Dropout(cfg.dropout)
+        self.rate = cfg.dropout
 
     def hidden(self, tokens_BT: jax.Array, *, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -73,7 +74,7 @@ class GPT(nnx.Module):
         x = self.embed(tokens_BT)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
-        x = constrain(self.dropout(x, deterministic=rngs is None, rngs=rngs), ACT)
+        x = constrain(layers.drop(x, self.rate, rngs), ACT)
         mask = attention_mask(segment_ids, None, causal=True, length=T)
         call = lambda block, x, rngs: block(x, mask, positions, rngs)
         if self.cfg.scan_layers:

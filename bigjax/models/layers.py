@@ -85,6 +85,12 @@ def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
     return out.astype(x_BTNH.dtype)
 
 
+def drop(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+    """Dropout in training (`rngs` given), the identity in evaluation (`rngs` None): what the
+    models call; `dropout` below draws the mask."""
+    return x if rngs is None or rate <= 0 else dropout(x, rate, rngs.dropout())
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str | None = None) -> jax.Array:
     """Inverted dropout drawn from 16-bit random numbers (rate rounded to 1/65536).
 
@@ -206,10 +212,8 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             assert kv_BSD is x_BTD, "rotary attention takes one sequence"
             q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
-        use_dropout = rngs is not None and self.dropout_rate > 0
-        key = rngs.dropout() if use_dropout else None
-        out = dot_attention(q, k, v, mask_BTS, dropout=self.dropout_rate if use_dropout else 0.0,
-                            key=key)
+        key = rngs.dropout() if rngs is not None and self.dropout_rate > 0 else None
+        out = dot_attention(q, k, v, mask_BTS, dropout=self.dropout_rate, key=key)
         return self.out(out)
 
 
