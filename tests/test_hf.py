@@ -230,3 +230,32 @@ def test_model_without_hf_counterpart_is_refused_on_export(tmp_path):
                                           r"use_bias=True\) has no Hugging Face counterpart"):
         hf.save_params({}, cfg, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_evaluates_after_its_hf_source_is_gone(tmp_path):
+    """The run's config.yaml holds the sizes read from config.json: eval does not need the
+    `init.from: hf:` directory again."""
+    import csv
+    import shutil
+
+    from bigjax.trainer import Trainer
+    torch.manual_seed(0)
+    src = str(tmp_path / "hf")
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=32)).save_pretrained(src, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(MINILM, name)):
+            shutil.copy(os.path.join(MINILM, name), src)
+    with open(tmp_path / "d.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        w.writerows([(f"text number {i}", "ab"[i % 2]) for i in range(32)])
+    run = str(tmp_path / "run")
+    final = Trainer(load_config(None, [
+        f"init.from=hf:{src}", "task.name=classification", f"data.source={tmp_path / 'd.csv'}",
+        "data.label_field=label", "train.steps=2", "train.batch_size=8", "train.seq_len=16",
+        "train.eval_every=0", "train.progress=false", "checkpoint.async_save=false",
+        f"run.dir={run}"])).train()
+    shutil.rmtree(src)
+    assert Trainer.from_run(run).evaluate() == final
