@@ -24,10 +24,9 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bigjax import mesh as mesh_lib  # noqa: E402
+from bigjax.build import build  # noqa: E402
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings  # noqa: E402
-from bigjax.config import load_config, to_dict  # noqa: E402
-from bigjax.optim import make_optimizer  # noqa: E402
-from bigjax.state import init_state, model_spec, state_shardings  # noqa: E402
+from bigjax.config import load_config, to_dict, updated  # noqa: E402
 
 
 def _args() -> argparse.Namespace:
@@ -70,16 +69,15 @@ def main() -> None:
     cfg = load_config(None, [f"model.d_model={a.d_model}", f"model.n_layers={a.n_layers}",
                              f"model.n_heads={max(1, a.d_model // 64)}", f"model.d_ff={4 * a.d_model}",
                              f"model.vocab_size={a.vocab}", "train.steps=10"])
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
-    abstract, shardings = state_shardings(cfg, model_spec(cfg), tx, mesh)
-    state = jax.block_until_ready(init_state(cfg, tx, shardings))
+    parts = build(cfg, mesh_lib.make_mesh(cfg.mesh))  # the trainer's state and shardings
+    abstract, shardings = parts.abstract, parts.shardings
+    state = jax.block_until_ready(parts.init_state())
     n_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     mb = n_bytes / 1e6
     meta = {"step": 0, "config": to_dict(cfg)}
     root = tempfile.mkdtemp(prefix="bigjax_ckpt_bench_", dir=a.dir or None)
     try:
-        cfg.checkpoint.keep = a.repeats + 1
+        cfg = updated(cfg, {"checkpoint.keep": a.repeats + 1})
         asy = Checkpointer(os.path.join(root, "async"), cfg.checkpoint)
         asy.save(1000, state, {}, meta, force=True)  # warm-up: handlers, thread pools, first dirs
         asy.wait()
@@ -97,8 +95,8 @@ def main() -> None:
         _median_time(async_save, a.repeats)
         t_block, t_async_total = statistics.median(blocked_times), statistics.median(total)
 
-        cfg.checkpoint.async_save = False
-        syn = Checkpointer(os.path.join(root, "sync"), cfg.checkpoint)
+        syn = Checkpointer(os.path.join(root, "sync"),
+                           updated(cfg, {"checkpoint.async_save": False}).checkpoint)
         syn.save(1000, state, {}, meta, force=True)
         t_sync = _median_time(lambda i: syn.save(i + 1, state, {}, meta, force=True), a.repeats)
 

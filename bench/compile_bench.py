@@ -20,15 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
-from bigjax import mesh as mesh_lib  # noqa: E402
+from bigjax.build import one_device  # noqa: E402
 from bigjax.checkpoint import abstract_with_shardings  # noqa: E402
 from bigjax.config import load_config  # noqa: E402
-from bigjax.optim import make_optimizer  # noqa: E402
-from bigjax.state import init_state, model_spec, state_shardings  # noqa: E402
-from bigjax.step import jit_train_step, make_train_step, with_activation_sharding  # noqa: E402
-from bigjax.tasks import make_task  # noqa: E402
 
 
 def measure(layers: int, scan: bool, steps: int, d_model: int) -> tuple[float, float]:
@@ -36,22 +31,17 @@ def measure(layers: int, scan: bool, steps: int, d_model: int) -> tuple[float, f
                              f"model.n_heads={max(1, d_model // 64)}", f"model.d_ff={4 * d_model}",
                              "model.vocab_size=8192", "model.max_seq_len=128", "train.seq_len=128",
                              "train.batch_size=8", f"model.scan_layers={str(scan).lower()}"])
-    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    spec = model_spec(cfg)
-    abstract, sh = state_shardings(cfg, spec, tx, mesh)
-    batch_sh = NamedSharding(mesh, mesh_lib.batch_spec(cfg.sharding.rules, mesh, 1))
-    step = jit_train_step(with_activation_sharding(
-        make_train_step(spec, make_task(cfg), tx, schedule, grad_accum=1, seed=0), mesh,
-        cfg.sharding.rules), sh, batch_sh)
+    parts = one_device(cfg)  # the trainer's wiring, on one device
+    sh, batch_sh = parts.shardings, parts.batch_sharding
     B, T = cfg.train.batch_size, cfg.train.seq_len
     tokens = jax.ShapeDtypeStruct((B, T), np.int32, sharding=batch_sh)
     abstract_batch = {"inputs": tokens, "targets": tokens,
                       "weights": jax.ShapeDtypeStruct((B, T), np.float32, sharding=batch_sh)}
     t0 = time.perf_counter()
-    compiled = step.lower(abstract_with_shardings(abstract, sh), abstract_batch).compile()
+    compiled = parts.train_step.lower(abstract_with_shardings(parts.abstract, sh),
+                                      abstract_batch).compile()
     compile_s = time.perf_counter() - t0
-    state = init_state(cfg, tx, sh)
+    state = parts.init_state()
     rng = np.random.default_rng(0)
     times = []
     for i in range(steps + 1):

@@ -22,16 +22,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
-from bigjax.config import load_config  # noqa: E402
+from bigjax.config import load_config, updated  # noqa: E402
 from bigjax.data.inspect import measure_throughput  # noqa: E402
+from bigjax.data.types import Data  # noqa: E402
 
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "gpt_tiny.yaml")
 
 
-def lm_rows(args, tmp: str) -> list[dict]:
-    from bigjax.data.pipeline import build_lm_data, get_tokenizer, read_texts
+def lm_rows(args, tmp: str) -> tuple[list[dict], Data]:
+    from bigjax.data.lm import build_lm_data, get_tokenizer
+    from bigjax.data.records import read_texts
     cfg = load_config(CONFIG, [f"data.max_chars={args.max_chars}", f"train.seq_len={args.seq_len}",
                                f"train.batch_size={args.batch}"])
     get_tokenizer(cfg, read_texts(cfg)[0], tmp)  # trained once and cached: not pipeline work
@@ -41,12 +42,12 @@ def lm_rows(args, tmp: str) -> list[dict]:
     return loader_rows("lm packing", data, data.info["train_tokens"] / prep_s, cfg, args), data
 
 
-def loader_rows(name: str, data, prepare_tok_s: float, cfg, args) -> list[dict]:
+def loader_rows(name: str, data: Data, prepare_tok_s: float, cfg, args) -> list[dict]:
     """One row per `--workers` value: the loader's steady-state speed over `data.train`."""
     rows = []
     for workers in args.workers:
-        cfg.data.workers = workers
-        speed = measure_throughput(data.train, args.batch, cfg, args.seconds)
+        speed = measure_throughput(data.train, args.batch, updated(cfg, {"data.workers": workers}),
+                                   args.seconds)
         rows.append({"pipeline": name, "workers": workers, "prepare_tok_s": prepare_tok_s,
                      "loader_tok_s": speed["tokens_per_s"], "examples_s": speed["examples_per_s"]})
     return rows
@@ -60,9 +61,12 @@ def classification_rows(args, tmp: str, texts: list[str]) -> list[dict]:
         w.writerow(["text", "label"])
         for i, t in enumerate(texts):
             w.writerow([t[:2000], "long" if len(t) > 400 else "short"])
-    cfg = load_config(CONFIG, [f"data.source={path}", "task.name=classification",
-                               "model.name=bert", f"train.seq_len={args.seq_len}",
-                               f"train.batch_size={args.batch}", f"run.dir={tmp}/cls_run"])
+    # a BERT config (gpt_tiny's model keys are GPT-only) with gpt_tiny's data settings
+    lm = load_config(CONFIG).data
+    cfg = load_config(None, [f"data.source={path}", "task.name=classification",
+                             "model.name=bert", f"data.val_fraction={lm.val_fraction}",
+                             f"data.vocab_size={lm.vocab_size}", f"train.seq_len={args.seq_len}",
+                             f"train.batch_size={args.batch}", f"run.dir={tmp}/cls_run"])
     os.makedirs(cfg.run.dir, exist_ok=True)
     t0 = time.perf_counter()
     data = build_classification_data(cfg, cfg.run.dir)
@@ -74,22 +78,13 @@ def classification_rows(args, tmp: str, texts: list[str]) -> list[dict]:
 def step_tokens_per_s(args, vocab: int) -> float:
     """The jitted train step of gpt_tiny on random tokens: what the trainer's loop consumes."""
     from bigjax import mesh as mesh_lib
-    from bigjax.optim import make_optimizer
-    from bigjax.state import init_state, model_spec, state_shardings
-    from bigjax.step import jit_train_step, make_train_step, with_activation_sharding
-    from bigjax.tasks import make_task
+    from bigjax.build import build
 
     cfg = load_config(CONFIG, [f"train.seq_len={args.seq_len}", f"train.batch_size={args.batch}",
                                f"model.vocab_size={vocab}"])
-    mesh = mesh_lib.make_mesh(cfg.mesh)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-    spec = model_spec(cfg)
-    _, shardings = state_shardings(cfg, spec, tx, mesh)
-    batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(cfg.sharding.rules, mesh, 1))
-    step = make_train_step(spec, make_task(cfg), tx, schedule, grad_accum=1, seed=0)
-    step = jit_train_step(with_activation_sharding(step, mesh, cfg.sharding.rules), shardings,
-                          batch_sharding)
-    state = init_state(cfg, tx, shardings)
+    parts = build(cfg, mesh_lib.make_mesh(cfg.mesh))  # what the trainer builds
+    step, batch_sharding = parts.train_step, parts.batch_sharding
+    state = parts.init_state()
     rng = np.random.default_rng(0)
     B, T = args.batch, args.seq_len
     tokens = rng.integers(0, vocab, (B, T + 1), dtype=np.int32)

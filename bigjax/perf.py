@@ -8,34 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bigjax import registry
 from bigjax.config import Config
-from bigjax.data.mlm import num_predictions
 
 
 def flops_per_token(cfg: Config, n_params: int) -> float:
-    """Training FLOPs per token (PaLM appendix B): 6 × the matmul parameters a token passes
-    through + attention scores.
-
-    Lookup tables (token and position embeddings) do no matmul; an output projection onto the
-    vocabulary does, tied or not. A BERT head reads a few positions (the masked ones, or [CLS]), and
-    bigjax computes the vocabulary projection and the last layer's queries, output and MLP for
-    those alone (models/bert.py), so they count at that share of the tokens.
-    """
-    m, T = cfg.model, cfg.train.seq_len
-    lookup = m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.positions == "learned" else 0)
-    head_dim = m.head_dim or m.d_model // m.n_heads
-    matmul = float(n_params - lookup)  # an untied output head is among the parameters
-    attention = 12.0 * m.n_layers * T * m.n_heads * head_dim
-    if m.name != "bert":
-        return 6.0 * (matmul + (m.vocab_size * m.d_model if m.tie_embeddings else 0)) + attention
-    share = {"masked_lm": num_predictions(T, cfg.task.mlm_probability) / T,
-             "classification": 1 / T}.get(cfg.task.name, 1.0)
-    last = 2 * m.d_model * m.n_heads * head_dim + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
-    matmul -= (1 - share) * last if m.n_layers else 0
-    attention -= (1 - share) * 12.0 * T * m.n_heads * head_dim if m.n_layers else 0
-    if cfg.task.name == "masked_lm":  # tied to the word embeddings
-        matmul += share * m.vocab_size * m.d_model
-    return 6.0 * matmul + attention
+    """Training FLOPs per token of the configured model: its family's count
+    (`register_model(..., flops_per_token=...)`), else 6 x parameters (every parameter in a matmul)."""
+    count = registry.model(cfg.model.name).flops_per_token
+    return count(cfg, n_params) if count else 6.0 * n_params
 
 
 def measure_peak_flops(n: int = 1024, reps: int = 5) -> float:

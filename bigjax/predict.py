@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bigjax.data.mlm import encode
+from bigjax.data.wordpiece import encode
 from bigjax.state import ModelSpec
 
 Prediction = tuple[str, float]  # (label name, its probability)

@@ -8,9 +8,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from typing import Any
 
 import jax
+
+
+def stage(text: str, enabled: bool = True) -> None:
+    """One line on stderr (process 0) for a start-up stage before the progress bar exists."""
+    if enabled and jax.process_index() == 0:
+        print(f"bigjax: {text}", file=sys.stderr, flush=True)
 
 
 class Reporter:
@@ -47,6 +54,11 @@ class Reporter:
             self.bar.n = step
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.refresh()
+
+    def stage(self, text: str) -> None:
+        """What the run is doing while the bar stands still (compiling, evaluating)."""
+        if self.bar is not None:
+            self.bar.set_description_str(text, refresh=True)
 
     def message(self, text: str) -> None:
         if not self.active:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bigjax import mesh as mesh_lib
 from bigjax.config import Config
 from bigjax.models import create_model
+from bigjax.models.axes import logical_axes
 
 
 @flax.struct.dataclass
@@ -51,12 +52,9 @@ def nest_paths(flat: dict[tuple, Any]) -> dict:
 
 
 def _build(cfg: Config, seed: int) -> tuple[Any, dict, dict, dict]:
-    with nnx.use_eager_sharding(False):
-        model = create_model(cfg, nnx.Rngs(params=seed))
+    model = create_model(cfg, nnx.Rngs(params=seed))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    logical = nest_paths({p: tuple(v.get_metadata().get("out_sharding") or ())
-                       for p, v in nnx.to_flat_state(params)})
-    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), logical
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), logical_axes(params)
 
 
 def model_spec(cfg: Config) -> ModelSpec:

@@ -15,7 +15,8 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bigjax.mesh import activation_sharding
+from bigjax.mesh import to_sharding
+from bigjax.models.axes import constraints
 from bigjax.state import ModelSpec, TrainState
 from bigjax.tasks import Batch, Task
 
@@ -89,7 +90,7 @@ def make_eval_step(spec: ModelSpec, task: Task) -> Callable[[Any, Any, Batch], M
 def with_activation_sharding(fn, mesh, rules):
     """Trace `fn` with the models' activation constraints bound to this mesh."""
     def wrapped(*args):
-        with activation_sharding(mesh, rules):
+        with constraints(to_sharding(mesh, rules)):
             return fn(*args)
     return wrapped
 

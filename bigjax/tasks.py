@@ -9,14 +9,15 @@ and the evaluator add them up and `finalize` divides once at the end.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from bigjax.config import Config
+from bigjax import registry
+from bigjax.config import Config, TaskConfig, derived
 from bigjax.errors import ConfigError
 
 Batch = dict[str, jax.Array]
@@ -124,8 +125,32 @@ class Classification:
                 "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
 
 
-def _masked_lm(cfg: Config) -> Task:
-    return MaskedLM()
+@dataclass(frozen=True)
+class CausalLMConfig(TaskConfig):
+    name: str = "causal_lm"
+
+
+@dataclass(frozen=True)
+class MaskedLMConfig(TaskConfig):
+    name: str = "masked_lm"
+    mlm_probability: float = 0.15  # share of the maskable tokens each sequence predicts
+
+    def check(self, cfg: Config) -> None:
+        if not 0 < self.mlm_probability < 1:
+            raise ConfigError(f"task.mlm_probability must be in (0, 1), got {self.mlm_probability}")
+
+
+@dataclass(frozen=True)
+class ClassificationConfig(TaskConfig):
+    name: str = "classification"
+    num_labels: int = derived(0, "num_labels")  # 0 = the number of distinct labels in the data
+
+
+def num_predictions(maskable: int, probability: float) -> int:
+    """How many positions a masked-LM sequence with `maskable` tokens predicts, as in the original
+    BERT's pretraining data: round(maskable x probability), at least 1 (0 when nothing is
+    maskable)."""
+    return min(maskable, max(1, int(round(maskable * probability))))
 
 
 def _classification(cfg: Config) -> Task:
@@ -135,18 +160,11 @@ def _classification(cfg: Config) -> Task:
     return Classification(cfg.task.num_labels)
 
 
-_TASKS: dict[str, Callable[[Config], Task]] = {"causal_lm": lambda cfg: CausalLM()}
-
-
-def register_task(name: str, factory: Callable[[Config], Task]) -> None:
-    _TASKS[name] = factory
-
-
 def make_task(cfg: Config) -> Task:
-    if cfg.task.name not in _TASKS:
-        raise ConfigError(f"task.name: unknown task '{cfg.task.name}' (known: {', '.join(sorted(_TASKS))})")
-    return _TASKS[cfg.task.name](cfg)
+    return registry.task(cfg.task.name).create(cfg)
 
 
-register_task("masked_lm", _masked_lm)
-register_task("classification", _classification)
+register_task = registry.register_task
+register_task("causal_lm", CausalLMConfig, lambda cfg: CausalLM(), data="lm")
+register_task("masked_lm", MaskedLMConfig, lambda cfg: MaskedLM(), data="mlm")
+register_task("classification", ClassificationConfig, _classification, data="classification")

@@ -4,14 +4,10 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from bigjax import mesh as mesh_lib
+from bigjax.build import build
 from bigjax.config import load_config
-from bigjax.optim import make_optimizer
-from bigjax.state import init_state, model_spec, state_shardings
-from bigjax.step import jit_train_step, make_train_step, with_activation_sharding
-from bigjax.tasks import make_task
 
 TINY = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=4", "model.d_ff=64",
         "model.n_layers=2", "model.max_seq_len=16", "train.seq_len=16", "train.batch_size=16",
@@ -38,23 +34,18 @@ def random_batches(cfg, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
 
 
 class Run:
-    """The pieces the trainer builds, without data or logging."""
+    """The pieces the trainer builds (bigjax.build), without data or logging."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.mesh = mesh_lib.make_mesh(cfg.mesh)
-        self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
-        self.spec = model_spec(cfg)
-        self.abstract, self.shardings = state_shardings(cfg, self.spec, self.tx, self.mesh)
-        self.batch_sharding = NamedSharding(
-            self.mesh, mesh_lib.batch_spec(cfg.sharding.rules, self.mesh, 2))
-        step = make_train_step(self.spec, make_task(cfg), self.tx, self.schedule,
-                               grad_accum=cfg.train.grad_accum, seed=cfg.seed)
-        self.step = jit_train_step(with_activation_sharding(step, self.mesh, cfg.sharding.rules),
-                                   self.shardings, self.batch_sharding)
+        self.parts = build(cfg, self.mesh)
+        self.spec, self.tx, self.shardings = self.parts.spec, self.parts.tx, self.parts.shardings
+        self.abstract, self.batch_sharding = self.parts.abstract, self.parts.batch_sharding
+        self.step = self.parts.train_step
 
     def init(self):
-        return init_state(self.cfg, self.tx, self.shardings)
+        return self.parts.init_state()
 
     def losses(self, batches) -> tuple[list[float], object]:
         state = self.init()

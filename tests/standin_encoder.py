@@ -3,15 +3,26 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.config import Config
-from bigjax.models import register
+from bigjax.config import Config, ModelConfig, derived
 from bigjax.models.layers import Dense, Embed
+from bigjax.registry import register_model
 
 NAME = "standin_encoder"
+
+
+@dataclass(frozen=True)
+class StandinConfig(ModelConfig):
+    name: str = NAME
+    vocab_size: int = derived(0, "vocab")
+    d_model: int = 32
+    d_ff: int = 64
+    dropout: float = 0.0
 
 
 class StandinEncoder(nnx.Module):
@@ -44,4 +55,4 @@ class StandinEncoder(nnx.Module):
         return self.classifier(pooled).astype(jnp.float32)
 
 
-register(NAME)(lambda cfg, rngs: StandinEncoder(cfg, rngs))
+register_model(NAME, StandinConfig, lambda cfg, rngs: StandinEncoder(cfg, rngs))

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from bigjax import mesh as mesh_lib
 from bigjax.config import MeshConfig, load_config
 from bigjax.errors import ConfigError
-from bigjax.mesh import activation_sharding
+from bigjax.models.axes import constraints
 from bigjax.models import create_model, layers
 from bigjax.state import model_spec
 
@@ -27,8 +27,7 @@ def tiny(*extra: str):
 
 
 def build(cfg):
-    with nnx.use_eager_sharding(False):
-        return create_model(cfg, nnx.Rngs(params=0))
+    return create_model(cfg, nnx.Rngs(params=0))
 
 
 def _inputs():
@@ -58,7 +57,7 @@ def test_padding_does_not_change_real_tokens():
 
 @pytest.mark.parametrize("task,shape", [("masked_lm", (8, 16, 128)), ("classification", (8, 3))])
 def test_heads_output_float32_logits_and_name_logical_axes(task, shape):
-    cfg = tiny(f"task.name={task}", "task.num_labels=3")
+    cfg = tiny(f"task.name={task}", *(["task.num_labels=3"] if task == "classification" else []))
     ids, types, mask = _inputs()
     out = build(cfg)(jnp.asarray(ids), token_type_ids=jnp.asarray(types),
                      attention_mask=jnp.asarray(mask))
@@ -134,7 +133,7 @@ def test_sharded_encoder_equals_one_device():
     batch = NamedSharding(mesh, mesh_lib.batch_spec(rules, mesh, 2))
 
     def sharded_forward(*args):
-        with activation_sharding(mesh, rules):
+        with constraints(mesh_lib.to_sharding(mesh, rules)):
             return forward(*args)
 
     out = jax.jit(sharded_forward, in_shardings=(shardings, batch, batch, batch))(

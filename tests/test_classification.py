@@ -13,6 +13,7 @@ import pytest
 
 from bigjax.config import load_config
 from bigjax.data.pipeline import build_data
+from bigjax.resolve import resolve
 from bigjax.data.tokenizer import load_tokenizer
 from bigjax.errors import DataError
 
@@ -47,7 +48,7 @@ def test_string_labels_sorted_and_saved_with_the_run(tmp_path):
     cfg = cfg_for(src)
     data = build_data(cfg, str(tmp_path / "run"))
     assert data.info["label_names"] == ["negative", "neutral", "positive"]
-    assert cfg.task.num_labels == 3
+    assert resolve(cfg, data).task.num_labels == 3  # the label count resolves from the data
     with open(tmp_path / "run" / "labels.json") as fh:
         assert json.load(fh) == {"names": ["negative", "neutral", "positive"]}
     ex = [data.train[i] for i in range(len(data.train))]
@@ -82,7 +83,8 @@ def test_saved_label_names_win_over_the_data(tmp_path):
     src = write_csv(tmp_path / "d.csv", [(f"t {i}", ["neg", "pos"][i % 2]) for i in range(20)])
     cfg = cfg_for(src)
     data = build_data(cfg, str(run))
-    assert data.info["label_names"] == ["neg", "neutral", "pos"] and cfg.task.num_labels == 3
+    assert data.info["label_names"] == ["neg", "neutral", "pos"]
+    assert resolve(cfg, data).task.num_labels == 3
     assert sorted({int(data.train[i]["labels"]) for i in range(len(data.train))}) == [0, 2]
 
 

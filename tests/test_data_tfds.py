@@ -5,7 +5,7 @@ import os
 import pytest
 import tensorflow_datasets as tfds
 
-from bigjax.config import load_config
+from bigjax.config import load_config, updated
 from bigjax.data.pipeline import build_data
 from bigjax.data.tfds_source import tfds_records
 from bigjax.errors import DataError
@@ -65,7 +65,7 @@ def test_unknown_split_lists_the_prepared_splits(tmp_path):
 
 
 def test_tfds_rows_that_are_not_utf8_follow_the_bad_row_policy():
-    from bigjax.data.pipeline import read_texts
+    from bigjax.data.records import read_texts
     rows = [{"text": b"good one", "label": 1}, {"text": b"bad \xff", "label": 0},
             {"text": b"good two", "label": 1}]
     with tfds.testing.mock_data(as_data_source_fn=lambda *args, **kwargs: rows):
@@ -73,7 +73,7 @@ def test_tfds_rows_that_are_not_utf8_follow_the_bad_row_policy():
         texts, stats = read_texts(cfg)
         assert texts == ["good one", "good two"]
         assert stats.summary() == "2 rows read, 1 skipped (1 not valid UTF-8)"
-        cfg.data.on_bad_rows = "error"
+        cfg = updated(cfg, {"data.on_bad_rows": "error"})
         with pytest.raises(DataError) as e:
             read_texts(cfg)
     assert str(e.value) == ("tfds:imdb_reviews split 'train': row 2: not valid UTF-8 (set "

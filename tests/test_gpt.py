@@ -15,8 +15,7 @@ BASE = ["model.vocab_size=50", "model.d_model=32", "model.n_heads=4", "model.d_f
 
 def build(*overrides):
     cfg = load_config(None, BASE + list(overrides))
-    with nnx.use_eager_sharding(False):
-        return create_model(cfg, nnx.Rngs(params=0))
+    return create_model(cfg, nnx.Rngs(params=0))
 
 
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 50, (2, 12)), jnp.int32)

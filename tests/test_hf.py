@@ -17,7 +17,7 @@ import transformers
 from flax import nnx
 
 from bigjax import cli, hf
-from bigjax.config import load_config
+from bigjax.config import load_config, updated
 from bigjax.errors import CheckpointError
 from bigjax.models import create_model
 
@@ -27,8 +27,7 @@ TEXTS = ["I love this movie!", "What a waste of time. The plot made no sense at 
 
 
 def bigjax_model(cfg, params):
-    with nnx.use_eager_sharding(False):
-        model = create_model(cfg, nnx.Rngs(0))
+    model = create_model(cfg, nnx.Rngs(0))
     graphdef, state = nnx.split(model, nnx.Param)
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
@@ -67,8 +66,7 @@ def test_minilm_round_trip_through_cli_convert(minilm, tmp_path):
     assert cli.run(["convert", "hf-to-bigjax", MINILM, run_dir]) == 0
     # init.from accepts the converted run dir and finds the imported weights in it
     from bigjax.init_from import load_init_params
-    with nnx.use_eager_sharding(False):
-        fresh = nnx.to_pure_dict(nnx.state(create_model(cfg, nnx.Rngs(1)), nnx.Param))
+    fresh = nnx.to_pure_dict(nnx.state(create_model(cfg, nnx.Rngs(1)), nnx.Param))
     got = load_init_params(cfg, run_dir, fresh)
     np.testing.assert_array_equal(np.asarray(got["layer_5"]["mlp"]["down"]["kernel"]),
                                   hf.load_params(MINILM, cfg)["layer_5"]["mlp"]["down"]["kernel"])
@@ -122,7 +120,7 @@ def test_bert_heads_import_and_export(tmp_path, cls, task):
 def test_bert_mlm_checkpoint_into_classifier_leaves_pooler_and_classifier_fresh(tmp_path):
     _, path = _tiny_bert(tmp_path, transformers.BertForMaskedLM)
     cfg = hf.model_config_for(path)
-    cfg.task.name, cfg.task.num_labels = "classification", 2
+    cfg = updated(cfg, {"task.name": "classification", "task.num_labels": 2})
     params = hf.load_params(path, cfg)
     assert "classifier" not in params and "pooler" not in params
     assert params["layer_1"]["attn"]["query"]["kernel"].shape == (32, 4, 8)
@@ -155,7 +153,7 @@ def test_gpt2_round_trip_logits(tmp_path, scan):
     and unstack again on export."""
     torch_model, path = _gpt2(tmp_path, transformers.GPT2LMHeadModel)
     cfg = hf.model_config_for(path)
-    cfg.train.seq_len, cfg.model.scan_layers = 16, scan
+    cfg = updated(cfg, {"train.seq_len": 16, "model.scan_layers": scan})
     assert (cfg.model.name, cfg.model.mlp, cfg.model.tie_embeddings) == ("gpt", "gelu_tanh", True)
     params = hf.load_params(path, cfg)
     if scan:
@@ -182,7 +180,7 @@ def test_llama_gqa_round_trip_logits(tmp_path):
     path = str(tmp_path / "llama")
     torch_model.save_pretrained(path, safe_serialization=True)
     cfg = hf.model_config_for(path)
-    cfg.train.seq_len = 16
+    cfg = updated(cfg, {"train.seq_len": 16})
     assert (cfg.model.positions, cfg.model.n_kv_heads, cfg.model.mlp) == ("rotary", 2, "swiglu")
     params = hf.load_params(path, cfg)
     assert_round_trip(torch_model, cfg, params, 80, tmp_path, transformers.AutoModelForCausalLM)
@@ -191,7 +189,7 @@ def test_llama_gqa_round_trip_logits(tmp_path):
 def test_bad_checkpoints_name_the_file_or_tensor(tmp_path):
     _, path = _tiny_bert(tmp_path, transformers.BertModel)
     cfg = hf.model_config_for(path)
-    cfg.model.d_model = 48
+    cfg = updated(cfg, {"model.d_model": 48})
     with pytest.raises(CheckpointError, match=r"tensor 'embeddings.word_embeddings.weight' has "
                                               r"shape \(99, 32\), expected \(99, 48\)"):
         hf.load_params(path, cfg)

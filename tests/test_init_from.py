@@ -130,7 +130,7 @@ def test_damaged_everywhere_refuses_to_start_over_and_deletes_nothing(tmp_path, 
         fh.write('{"step": 1, "conf')  # cut mid-write
     target = abstract_with_shardings(abstract, shardings)
     with caplog.at_level(logging.WARNING, logger="bigjax"), pytest.raises(CheckpointError) as e:
-        ckpt.restore_latest(target, to_dict(cfg)["model"])
+        ckpt.restore_latest(target, to_dict(cfg))
     assert str(e.value) == (f"no usable checkpoint in {ckpt.directory} (damaged: steps [2, 1]); "
                             "not starting from scratch over them: move them away or use a new run.dir")
     assert [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "bigjax"] == [
@@ -174,10 +174,10 @@ def test_listing_marks_unfinished_and_cut_checkpoints(source, tmp_path, capsys):
     assert capsys.readouterr().err == f"bigjax: error: run dir '{tmp_path}/nope' does not exist\n"
 
 
-def test_source_run_dir_finds_the_run_behind_any_init_from_spelling():
+def test_init_run_dir_finds_the_run_behind_any_init_from_spelling():
     """The data pipeline finds the source's tokenizer in its run dir, whichever way init.from
     names the source (a step dir too: the run's tokenizer is two levels up)."""
-    from bigjax.init_from import source_run_dir
+    from bigjax.config import init_run_dir
     for spec in ("runs/a", "runs/a/", "runs/a@5", "runs/a/checkpoints", "runs/a/checkpoints@3",
                  "runs/a/checkpoints/100"):
-        assert source_run_dir(spec) == "runs/a", spec
+        assert init_run_dir(spec) == "runs/a", spec

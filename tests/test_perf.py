@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from bigjax.config import load_config
-from bigjax.data.mlm import num_predictions
+from bigjax.tasks import num_predictions
 from bigjax.models import create_model
 from bigjax.perf import flops_per_token
 
@@ -27,8 +27,7 @@ SIZE = ["model.vocab_size=2048", "model.d_model=128", "model.n_heads=4", "model.
 ])
 def test_flops_per_token_matches_xla_cost_analysis(overrides):
     cfg = load_config(None, SIZE + overrides)
-    with nnx.use_eager_sharding(False):
-        model = create_model(cfg, nnx.Rngs(params=0))
+    model = create_model(cfg, nnx.Rngs(params=0))
     graphdef, params = nnx.split(model, nnx.Param)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     kw = {}

@@ -25,8 +25,7 @@ BERT = GPT + ["model.name=bert", "task.name=masked_lm"]
 
 def loss_and_grads(overrides, remat):
     cfg = load_config(None, overrides + [f"model.remat={remat}"])
-    with nnx.use_eager_sharding(False):
-        model = create_model(cfg, nnx.Rngs(params=0))
+    model = create_model(cfg, nnx.Rngs(params=0))
     graphdef, params = nnx.split(model, nnx.Param)
     ids = jnp.asarray(np.random.default_rng(0).integers(5, 256, (4, 32)), jnp.int32)
     kw = {"attention_mask": jnp.ones((4, 32), jnp.int32)} if "model.name=bert" in overrides else {}
@@ -60,8 +59,7 @@ for remat in ("none", "full", "dots"):
     cfg = load_config(None, ["model.vocab_size=512", "model.d_model=128", "model.n_heads=4",
                              "model.d_ff=512", "model.n_layers=8", "model.max_seq_len=256",
                              "train.seq_len=256", "model.remat=" + remat])
-    with nnx.use_eager_sharding(False):
-        model = create_model(cfg, nnx.Rngs(params=0))
+    model = create_model(cfg, nnx.Rngs(params=0))
     graphdef, params = nnx.split(model, nnx.Param)
     ids = jnp.zeros((8, 256), jnp.int32)
     loss = lambda p: nnx.merge(graphdef, p, copy=True)(ids).mean()

@@ -50,7 +50,8 @@ def test_scanned_blocks_train_like_unrolled_ones(remat):
 
 
 def test_scan_layers_is_for_the_decoder():
-    with pytest.raises(ConfigError, match=r"^model.scan_layers stacks the decoder's blocks "):
+    with pytest.raises(ConfigError, match=r"^unknown config key 'model.scan_layers' for model "
+                                          r"'bert' \(a key of model gpt\) \(known: "):
         tiny_config("model.name=bert", "model.scan_layers=true")
 
 

@@ -3,6 +3,8 @@ computation, exact additive metrics (macro F1 equal to scikit-learn's)."""
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -192,6 +194,25 @@ def test_mlm_probability_must_be_a_fraction():
     with pytest.raises(ConfigError) as e:
         make_task(load_config(None, ["task.name=masked_lm", "task.mlm_probability=1.5"]))
     assert str(e.value) == "task.mlm_probability must be in (0, 1), got 1.5"
+
+
+def test_masked_lm_validates_on_data_eval_split(tmp_path):
+    """Regression: masked_lm held out data.val_fraction even when data.eval_split named files."""
+    from bigjax.data.mlm import build_mlm_data
+    words = ["red", "green", "blue", "cat", "dog", "runs", "sleeps", "fast", "slow", "big"]
+    rng = np.random.default_rng(0)
+    train = [" ".join(rng.choice(words, 6)) for _ in range(40)]
+    held = ["red cat runs fast", "blue dog sleeps slow", train[3]]  # the last is a training text
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in held))
+    cfg = load_config(None, ["task.name=masked_lm", "model.name=bert", "data.pack=false",
+                             f"data.source={tmp_path}/train.jsonl", "data.vocab_size=64",
+                             f"data.eval_split={tmp_path}/eval.jsonl", "train.seq_len=16"])
+    data = build_mlm_data(cfg, str(tmp_path / "run"))
+    assert (data.info["train_texts"], data.info["eval_texts"]) == (40, 2)
+    tok = data.tokenizer
+    decoded = [tok.decode(ids, skip_special_tokens=True) for ids in data.eval.arrays["input_ids"]]
+    assert decoded == held[:2]
 
 
 def test_masked_lm_reads_the_builtin_corpus(tmp_path):

@@ -17,10 +17,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from bigjax.config import Config
-from bigjax.data.mlm import bert_tokenizer, encode
+from bigjax.data.records import read_rows, split_docs
+from bigjax.data.types import ArrayExamples, Data
+from bigjax.data.wordpiece import bert_tokenizer, encode
 from bigjax.distributed import private_path
-from bigjax.data.sources import RecordReader, files_for
 from bigjax.errors import DataError
+from bigjax.registry import register_data
 
 log = logging.getLogger("bigjax")
 
@@ -34,25 +36,11 @@ class Row:
     where: str  # "file: row N", for error messages
 
 
-def read_rows(cfg: Config, source: str, fields: Sequence[str]) -> tuple[list[dict], list[str], dict]:
-    """Rows of every file of `source` with the `data.on_bad_rows` policy; also each row's place
-    ("file: row N") and the counts of skipped rows by reason."""
-    rows, where, skipped = [], [], {}
-    for path in files_for(source):
-        reader = RecordReader(cfg.data.on_bad_rows, fields)
-        for row in reader.read(path):
-            rows.append(row)
-            where.append(f"{path}: row {reader.row}")  # numbered as in the reader's own errors
-        for reason, n in reader.stats.skipped.items():
-            skipped[reason] = skipped.get(reason, 0) + n
-    return rows, where, skipped
-
-
-def _rows(cfg: Config, source: str) -> tuple[list[Row], dict]:
+def _rows(cfg: Config, which: str) -> tuple[list[Row], dict]:
     d = cfg.data
-    raw, where, skipped = read_rows(cfg, source, (d.text_field, d.label_field))
+    read = read_rows(cfg, which, (d.text_field, d.label_field))
     rows = []
-    for r, w in zip(raw, where):
+    for r, w in zip(read.rows, read.where):
         label = r[d.label_field]
         if isinstance(label, str):
             label = label.strip()
@@ -60,7 +48,7 @@ def _rows(cfg: Config, source: str) -> tuple[list[Row], dict]:
             raise DataError(f"{w}: label {label!r} in '{d.label_field}' (data.label_field) is not "
                             "a class name or an integer class id")
         rows.append(Row(str(r[d.text_field]), label, w))
-    return rows, skipped
+    return rows, dict(read.stats.skipped)
 
 
 def _dedupe(rows: list[Row]) -> tuple[list[Row], int]:
@@ -114,20 +102,6 @@ def label_ids(rows: Sequence[Row], names: list[str], what: str) -> np.ndarray:
     return out
 
 
-class ArrayExamples:
-    """Random-access examples from equal-length arrays (a grain MapDataset source)."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        self.arrays = arrays
-        self.n = len(next(iter(arrays.values())))
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
-        return {k: v[int(i)] for k, v in self.arrays.items()}
-
-
 def examples(tok, rows: Sequence[Row], ids: np.ndarray, seq_len: int) -> ArrayExamples:
     arrays = encode(tok, [r.text for r in rows], seq_len)
     return ArrayExamples({**arrays, "labels": ids, "weights": np.ones(len(rows), np.float32)})
@@ -138,14 +112,12 @@ def split_rows(cfg: Config) -> tuple[list[Row], list[Row], dict[str, Any]]:
 
     Also what the scikit-learn baseline reads, so that it scores on exactly bigjax's split.
     """
-    from bigjax.data.pipeline import split_docs
-
     d = cfg.data
-    rows, skipped = _rows(cfg, d.source)
+    rows, skipped = _rows(cfg, "train")
     rows, duplicates = _dedupe(rows)
     if d.eval_split:
         train_rows = rows
-        val_rows, val_skipped = _rows(cfg, d.eval_split)
+        val_rows, val_skipped = _rows(cfg, "eval")
         train_texts = {r.text for r in train_rows}
         val_rows = [r for r in _dedupe(val_rows)[0] if r.text not in train_texts]
         for reason, n in val_skipped.items():
@@ -162,20 +134,17 @@ def split_rows(cfg: Config) -> tuple[list[Row], list[Row], dict[str, Any]]:
     return train_rows, val_rows, {"duplicates_removed": duplicates, "skipped_by_reason": skipped}
 
 
-def build_classification_data(cfg: Config, run_dir: str):
-    """Train and eval sources for `task.name: classification`; sets `task.num_labels` when 0."""
-    from bigjax.data.pipeline import Data
-
+def build_classification_data(cfg: Config, run_dir: str) -> Data:
+    """Train and eval sources for `task.name: classification`; reports the label count (sizes)."""
     train_rows, val_rows, removed = split_rows(cfg)
     duplicates, skipped = removed["duplicates_removed"], removed["skipped_by_reason"]
     saved = load_label_names(run_dir)
     names = saved or label_names([r.label for r in train_rows])
     train_ids = label_ids(train_rows, names, f"the run's {LABELS_FILE}" if saved else "the training data")
     val_ids = label_ids(val_rows, names, "the training data")
-    if cfg.task.num_labels == 0:
-        cfg.task.num_labels = len(names)  # before the model is built: it sizes the classifier
-    elif cfg.task.num_labels < len(names):
-        raise DataError(f"task.num_labels={cfg.task.num_labels} but the data has {len(names)} "
+    num_labels = getattr(cfg.task, "num_labels", 0)
+    if 0 < num_labels < len(names):
+        raise DataError(f"task.num_labels={num_labels} but the data has {len(names)} "
                         f"labels ({', '.join(names)}); set task.num_labels={len(names)} or 0")
     tok = bert_tokenizer(cfg, [r.text for r in train_rows], run_dir)
     if saved is None:
@@ -186,8 +155,12 @@ def build_classification_data(cfg: Config, run_dir: str):
             "duplicates_removed": duplicates, "rows_skipped": sum(skipped.values()),
             "skipped_by_reason": skipped, "label_names": names,
             "train_label_counts": np.bincount(train_ids, minlength=len(names)).tolist()}
-    msg = (f"classification data: {len(train_rows)} training and {len(val_rows)} validation rows, "
-           f"{duplicates} duplicate texts removed, {sum(skipped.values())} rows skipped "
-           f"{skipped or ''}, labels {names}")
-    log.warning(msg) if skipped else log.info(msg)
-    return Data(train=train, eval=val, tokenizer=tok, info=info)
+    log.info(f"classification data: {len(train_rows)} training and {len(val_rows)} validation "
+             f"rows, {duplicates} duplicate texts removed, {sum(skipped.values())} rows skipped "
+             f"{skipped or ''}, labels {names}")
+    return Data(train=train, eval=val, tokenizer=tok, info=info,
+                sizes={"vocab": len(tok), "num_labels": len(names)},
+                summary=f"{len(train_rows)} training rows, {len(names)} labels")
+
+
+register_data("classification", build_classification_data)

@@ -14,7 +14,8 @@ import numpy as np
 from bigjax.config import Config
 from bigjax.data.lm import PaddedDocs
 from bigjax.data.loader import TrainLoader
-from bigjax.data.pipeline import build_data, read_texts
+from bigjax.data.pipeline import build_data
+from bigjax.data.records import read_texts
 
 
 def _short(text: str, width: int) -> str:

@@ -8,9 +8,23 @@ counted and dropped, not silently).
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
+from typing import Any
 
+import jax
 import numpy as np
+
+from bigjax import distributed
+from bigjax.config import Config
+from bigjax.data.records import read_texts, split_docs
+from bigjax.data.tokenizer import load_tokenizer, train_bpe
+from bigjax.data.types import Data
+from bigjax.errors import DataError
+from bigjax.registry import register_data
+
+log = logging.getLogger("bigjax")
 
 
 @dataclass
@@ -86,3 +100,63 @@ class PaddedDocs:
         return {"inputs": inputs, "targets": targets, "weights": weights,
                 "segment_ids": (weights == 0).astype(np.int32),
                 "positions": np.arange(L, dtype=np.int32)}
+
+
+def get_tokenizer(cfg: Config, texts: list[str], run_dir: str):
+    """`data.tokenizer`, else the run's own BPE (trained on `texts` the first time)."""
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    cached = os.path.join(run_dir, "tokenizer")
+    if jax.process_count() > 1:  # the processes share run_dir: process 0 trains it
+        index = jax.process_index()
+        if index == 0 and not os.path.isdir(cached):
+            train_bpe(texts, cfg.data.vocab_size, cached)
+        distributed.barrier("tokenizer", timeout_s=3600)  # a dead process 0 ends us sooner
+        if not os.path.isdir(cached):
+            raise DataError(f"process {index} cannot see the tokenizer that process 0 "
+                            f"wrote to {cached}; run.dir must be on storage all hosts share")
+    if os.path.isdir(cached):
+        return load_tokenizer(cached)
+    return train_bpe(texts, cfg.data.vocab_size, cached)
+
+
+def lm_examples(cfg: Config, docs_ids: list[list[int]], tok: Any) -> PackedWindows | PaddedDocs:
+    if cfg.data.pack:
+        return PackedWindows(TokenStream.from_docs(docs_ids, tok.eos_token_id), cfg.train.seq_len)
+    return PaddedDocs(docs_ids, tok.eos_token_id, cfg.train.seq_len, tok.pad_token_id or 0)
+
+
+def build_lm_data(cfg: Config, run_dir: str) -> Data:
+    """`task.name: causal_lm`: documents -> tokens -> packed (or padded) windows."""
+    texts, stats = read_texts(cfg, "train")
+    val_texts, val_stats = read_texts(cfg, "eval")
+    tok = get_tokenizer(cfg, texts, run_dir)
+    if not val_texts:
+        texts, val_texts = split_docs(texts, cfg.data.val_fraction, cfg.seed)
+    ids = lambda ts: tok(list(ts), add_special_tokens=False)["input_ids"] if ts else []
+    train, val = lm_examples(cfg, ids(texts), tok), lm_examples(cfg, ids(val_texts), tok)
+    if len(train) == 0 or len(val) == 0:
+        raise DataError(
+            f"data.source: too little text for train.seq_len={cfg.train.seq_len} "
+            f"({len(train)} training and {len(val)} validation examples; set data.eval_split "
+            f"or a larger data.val_fraction)")
+    info = {"documents": len(texts), "eval_documents": len(val_texts),
+            "train_examples": len(train), "eval_examples": len(val),
+            "skipped_rows": stats.skipped_total + val_stats.skipped_total}
+    if isinstance(train, PackedWindows):
+        info.update(train_tokens=int(len(train.stream.tokens)),
+                    dropped_tail_tokens=train.dropped_tokens)
+    else:
+        info.update(truncated_docs=train.truncated_docs, truncated_tokens=train.truncated_tokens)
+    # the packed tail (< one window) is normal and only logged at info level
+    log.info("data: %s", info)
+    for key in ("truncated_docs", "skipped_rows"):
+        if info.get(key):
+            log.warning("data: %s=%d (train.seq_len=%d)", key, info[key], cfg.train.seq_len)
+    unit = "windows" if cfg.data.pack else "padded examples"
+    return Data(train=train, eval=val, tokenizer=tok, info=info, sizes={"vocab": len(tok)},
+                summary=f"{len(texts)} training documents in {len(train)} {unit} of "
+                        f"{cfg.train.seq_len} tokens")
+
+
+register_data("lm", build_lm_data)

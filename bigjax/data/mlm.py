@@ -1,4 +1,4 @@
-"""BERT-style inputs: the tokenizer a BERT task uses, and masked-LM examples.
+"""Masked-LM examples (`task.name: masked_lm`).
 
 Masking happens here, on the host, per example: a numpy Generator seeded with (seed, epoch,
 example index) picks the positions, so a resumed run sees exactly the masks it would have seen,
@@ -9,108 +9,21 @@ source presents `MASKING_EPOCHS` differently masked copies of the data, like BER
 from __future__ import annotations
 
 import logging
-import os
 from typing import Sequence
 
 import numpy as np
 
 from bigjax.config import Config
-from bigjax.data.tokenizer import load_tokenizer, publish
-from bigjax.distributed import private_path
+from bigjax.data.records import read_texts, split_docs
+from bigjax.data.types import Data, Example
+from bigjax.data.wordpiece import bert_tokenizer, encode
 from bigjax.errors import DataError
+from bigjax.registry import register_data
+from bigjax.tasks import num_predictions
 
 log = logging.getLogger("bigjax")
 
-Example = dict[str, np.ndarray]
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: model.pad_token_id = 0
 MASKING_EPOCHS = 10
-
-
-def wordpiece_vocab(texts: Sequence[str], vocab_size: int) -> list[str]:
-    """A deterministic WordPiece vocabulary: the special tokens, every character (alone and as a
-    `##` continuation, most frequent first, at most half the vocabulary), then whole words by
-    frequency. (The `tokenizers` WordPiece trainer breaks frequency ties differently from run to
-    run, so two processes or two runs would get different token ids.)"""
-    from collections import Counter
-
-    from tokenizers import normalizers, pre_tokenizers
-
-    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words: Counter = Counter()
-    for text in texts:
-        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
-    chars: Counter = Counter()
-    for w, n in words.items():
-        chars[w[0]] += n
-        chars.update({"##" + c: n for c in w[1:]})
-    by_freq = lambda counter: [k for k, _ in sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))]
-    vocab = SPECIALS + by_freq(chars)[:max(vocab_size // 2 - len(SPECIALS), 0)]
-    taken = set(vocab)
-    for w in by_freq(words):
-        if len(vocab) >= vocab_size:
-            break
-        if w not in taken:
-            vocab.append(w)
-            taken.add(w)
-    return vocab
-
-
-def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
-    """An uncased WordPiece tokenizer with BERT's special tokens, saved under `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = wordpiece_vocab(texts, vocab_size)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.post_processor = processors.BertProcessing(("[SEP]", vocab.index("[SEP]")),
-                                                   ("[CLS]", vocab.index("[CLS]")))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    tmp = private_path(out_dir)
-    fast.save_pretrained(tmp)
-    publish(tmp, out_dir)
-    return load_tokenizer(out_dir)
-
-
-def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
-    """The tokenizer of a BERT task, in order: `data.tokenizer`; the run's own copy (resume);
-    the `init.from` source's (hf:DIR, or the run it starts from); else a WordPiece trained on the
-    texts. The run keeps a copy in `<run.dir>/tokenizer`, so eval, predict and export find it."""
-    own = os.path.join(run_dir, "tokenizer")
-    init = cfg.init.from_
-    if cfg.data.tokenizer:
-        tok = load_tokenizer(cfg.data.tokenizer)
-    elif os.path.isdir(own):
-        return load_tokenizer(own)
-    elif init.startswith("hf:"):
-        tok = load_tokenizer(init[3:])
-    elif init:
-        from bigjax.init_from import source_run_dir
-        src = os.path.join(source_run_dir(init), "tokenizer")
-        if not os.path.isdir(src):
-            raise DataError(f"init.from={init}: that run has no tokenizer dir '{src}'; "
-                            "set data.tokenizer to the tokenizer it was trained with")
-        tok = load_tokenizer(src)
-    else:
-        return train_wordpiece(texts, cfg.data.vocab_size, own)
-    if tok.mask_token_id is None or tok.pad_token_id is None or tok.cls_token_id is None:
-        raise DataError(f"tokenizer of '{cfg.data.tokenizer or init}' has no [MASK]/[PAD]/[CLS] "
-                        "token; a BERT task needs a BERT-style (WordPiece) tokenizer")
-    tmp = private_path(own)
-    tok.save_pretrained(tmp)
-    publish(tmp, own)
-    return tok
-
-
-def encode(tok, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
-    """[CLS] text [SEP], truncated and padded to seq_len (as the seed's example does)."""
-    enc = tok(list(texts), truncation=True, max_length=seq_len, padding="max_length",
-              return_token_type_ids=True, return_attention_mask=True)
-    return {k: np.asarray(enc[k], np.int32)
-            for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def pack(tok, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
@@ -128,12 +41,6 @@ def pack(tok, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
     input_ids = np.concatenate([cls, windows, sep], axis=1)
     return {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
             "token_type_ids": np.zeros_like(input_ids)}
-
-
-def num_predictions(maskable: int, probability: float) -> int:
-    """How many positions a sequence with `maskable` tokens predicts, as in the original BERT's
-    pretraining data: round(maskable × probability), at least 1 (0 when nothing is maskable)."""
-    return min(maskable, max(1, int(round(maskable * probability))))
 
 
 def mask_tokens(input_ids: np.ndarray, maskable: np.ndarray, rng: np.random.Generator, *,
@@ -191,23 +98,23 @@ class MaskedExamples:
         return {**out, "attention_mask": attn, "token_type_ids": self.arrays["token_type_ids"][i]}
 
 
-def build_mlm_data(cfg: Config, run_dir: str):
-    """Train and eval sources for `task.name: masked_lm`, read by the pipeline's text reader."""
-    from bigjax.data.pipeline import Data, read_texts, split_docs
-    if cfg.data.source.startswith(("builtin:", "tfds:")):
-        texts, _ = read_texts(cfg)
-    else:  # files: with the data.on_bad_rows policy, counting skipped rows
-        from bigjax.data.classification import read_rows
-        rows, _, skipped = read_rows(cfg, cfg.data.source, (cfg.data.text_field,))
-        texts = [str(r[cfg.data.text_field]) for r in rows]
-        if skipped:
-            log.warning("masked_lm data: skipped rows %s", skipped)
-    texts = list(dict.fromkeys(texts))  # duplicates would leak into validation
+def build_mlm_data(cfg: Config, run_dir: str) -> Data:
+    """Train and eval sources for `task.name: masked_lm`: texts (deduplicated), packed into
+    windows (or one padded example per text), masked per example and epoch. Validation is
+    `data.eval_split` when set (minus texts also in training), else a held-out `data.val_fraction`."""
+    texts = list(dict.fromkeys(read_texts(cfg, "train")[0]))  # duplicates would leak into validation
     tok = bert_tokenizer(cfg, texts, run_dir)
-    train_texts, val_texts = split_docs(texts, cfg.data.val_fraction, cfg.seed)
+    if cfg.data.eval_split:
+        seen = set(texts)
+        train_texts = texts
+        val_texts = [t for t in dict.fromkeys(read_texts(cfg, "eval")[0]) if t not in seen]
+    else:
+        train_texts, val_texts = split_docs(texts, cfg.data.val_fraction, cfg.seed)
     if not train_texts or not val_texts:
-        raise DataError(f"data.val_fraction={cfg.data.val_fraction} leaves {len(train_texts)} "
-                        f"training and {len(val_texts)} validation texts; both need at least one")
+        where = (f"data.eval_split={cfg.data.eval_split}" if cfg.data.eval_split
+                 else f"data.val_fraction={cfg.data.val_fraction}")
+        raise DataError(f"{where} leaves {len(train_texts)} training and {len(val_texts)} "
+                        "validation texts; both need at least one")
     to_arrays = pack if cfg.data.pack else encode
     train_arr = to_arrays(tok, train_texts, cfg.train.seq_len)
     val_arr = to_arrays(tok, val_texts, cfg.train.seq_len)
@@ -215,7 +122,13 @@ def build_mlm_data(cfg: Config, run_dir: str):
     train = MaskedExamples(train_arr, tok, seed=cfg.seed, probability=p, epochs=MASKING_EPOCHS)
     # validation masks are fixed (epoch 0 of a different seed stream), so eval losses compare
     val = MaskedExamples(val_arr, tok, seed=cfg.seed + 1, probability=p, epochs=1)
-    info = {"texts": len(texts), "train_sequences": train.n, "eval_sequences": val.n,
-            "masking_epochs": MASKING_EPOCHS}
+    info = {"texts": len(texts), "train_texts": len(train_texts), "eval_texts": len(val_texts),
+            "train_sequences": train.n, "eval_sequences": val.n, "masking_epochs": MASKING_EPOCHS}
     log.info("masked_lm data: %s", info)
-    return Data(train=train, eval=val, tokenizer=tok, info=info)
+    unit = "windows" if cfg.data.pack else "padded sequences"
+    return Data(train=train, eval=val, tokenizer=tok, info=info, sizes={"vocab": len(tok)},
+                summary=f"{len(train_texts)} training texts in {train.n} {unit} of "
+                        f"{cfg.train.seq_len} tokens, each masked {MASKING_EPOCHS} ways")
+
+
+register_data("mlm", build_mlm_data)

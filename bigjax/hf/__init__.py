@@ -8,7 +8,6 @@ translation in `configs.py`, whole-run conversion (the `convert` CLI) in `conver
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from typing import Any
@@ -16,13 +15,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigjax.config import Config, ModelConfig
+from bigjax import registry
+from bigjax.config import Config, updated
 from bigjax.errors import CheckpointError, first_line
 from bigjax.hf import names
 from bigjax.hf.configs import hf_config_from_bigjax, model_config_from_hf, read_hf_config
 from bigjax.state import nest_paths
 
-__all__ = ["load_params", "save_params", "model_config_from_hf", "apply_hf_model_config"]
+__all__ = ["load_params", "save_params", "model_config_from_hf", "hf_model_values"]
 
 WEIGHTS = "model.safetensors"
 # Settings a user may choose differently from the pretrained checkpoint when finetuning.
@@ -35,8 +35,7 @@ def _abstract_params(cfg: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     from bigjax.models import create_model
 
     cfg = _unrolled(cfg)  # the name tables count layers one by one
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(0)))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -45,11 +44,9 @@ def _abstract_params(cfg: Config) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 
 def _unrolled(cfg: Config) -> Config:
-    if not cfg.model.scan_layers:
+    if not getattr(cfg.model, "scan_layers", False):
         return cfg
-    cfg = copy.deepcopy(cfg)
-    cfg.model.scan_layers = False
-    return cfg
+    return updated(cfg, {"model.scan_layers": False})
 
 
 def _read_tensors(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
@@ -93,22 +90,23 @@ def load_params(hf_dir: str, cfg: Config) -> dict:
             raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(tensors[name].shape)}, "
                                   f"expected {want} for the configured model")
         out[e.path] = names.to_bigjax(e, tensors[name], shape)
-    if cfg.model.scan_layers:
+    if getattr(cfg.model, "scan_layers", False):
         from bigjax.models.gpt import stack_layers
         return stack_layers(nest_paths(out), cfg.model.n_layers)
     return nest_paths(out)
 
 
-def apply_hf_model_config(cfg: Config, hf_dir: str) -> None:
-    """Set `cfg.model` to the checkpoint's architecture (the user need not copy sizes).
-
-    Dropout stays the user's when they changed it from the default; dtype is always the user's.
-    """
-    defaults = ModelConfig()
-    for key, value in model_config_from_hf(hf_dir).items():
-        if key in _USER_CHOOSES and getattr(cfg.model, key) != getattr(defaults, key):
-            continue
-        setattr(cfg.model, key, value)
+def hf_model_values(cfg: Config, hf_dir: str) -> dict[str, Any]:
+    """`{"model.key": value}` that make `cfg.model` the checkpoint's architecture (the user need
+    not copy sizes), for `bigjax.config.updated`. Dropout stays the user's when they changed it
+    from the family's default; dtype, remat and scan_layers are always the user's."""
+    values = model_config_from_hf(hf_dir)
+    family = registry.model(values["name"]).config
+    defaults = family()
+    keep = cfg.model if isinstance(cfg.model, family) else defaults
+    return {f"model.{k}": v for k, v in values.items()
+            if hasattr(defaults, k)
+            and not (k in _USER_CHOOSES and getattr(keep, k) != getattr(defaults, k))}
 
 
 def _flat_params(params: Any) -> dict[tuple[str, ...], np.ndarray]:
@@ -123,7 +121,7 @@ def hf_tensors(params: Any, cfg: Config, label_names: list[str] | None = None
     """(safetensors dict, config.json dict) for a bigjax parameter tree."""
     family = names.family_of(cfg)
     table, prefix = names.TABLES[family]
-    if cfg.model.scan_layers:
+    if getattr(cfg.model, "scan_layers", False):
         from bigjax.models.gpt import unstack_layers
         params = unstack_layers(jax.device_get(params))
     flat = _flat_params(params)
@@ -160,8 +158,9 @@ def model_config_for(hf_dir: str, base: Config | None = None) -> Config:
     """A Config whose model (and task head) describe the checkpoint in `hf_dir`."""
     from bigjax.hf.configs import task_from_hf
 
-    cfg = copy.deepcopy(base) if base is not None else Config()
-    apply_hf_model_config(cfg, hf_dir)
-    for k, v in task_from_hf(read_hf_config(hf_dir)).items():
-        setattr(cfg.task, k, v)
-    return cfg
+    cfg = base if base is not None else Config()
+    task = {f"task.{k}": v for k, v in task_from_hf(read_hf_config(hf_dir)).items()}
+    model = hf_model_values(cfg, hf_dir)
+    # windows no longer than the checkpoint's position table
+    seq_len = min(cfg.train.seq_len, model.get("model.max_seq_len", cfg.train.seq_len))
+    return updated(cfg, {**model, **task, "train.seq_len": seq_len})

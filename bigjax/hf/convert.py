@@ -13,25 +13,14 @@ import shutil
 
 import jax
 
-from bigjax.config import Config, MeshConfig, load_config, save_config, to_dict
+from bigjax.build import one_device
+from bigjax.checkpoint import Checkpointer, abstract_with_shardings
+from bigjax.config import CheckpointConfig, Config, load_config, save_config, to_dict, updated
 from bigjax.errors import CheckpointError
 from bigjax.hf import WEIGHTS, load_params, model_config_for, save_params
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-
-
-def _one_device_state(cfg: Config):
-    """Optimizer, shardings and abstract state on a one-device mesh (conversion needs no more)."""
-    from bigjax import mesh as mesh_lib
-    from bigjax.optim import make_optimizer
-    from bigjax.state import model_spec, state_shardings
-
-    mesh = mesh_lib.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps)
-    spec = model_spec(cfg)
-    abstract, shardings = state_shardings(cfg, spec, tx, mesh)
-    return tx, abstract, shardings
 
 
 def _copy_tokenizer(src: str, dst: str) -> bool:
@@ -46,24 +35,19 @@ def _copy_tokenizer(src: str, dst: str) -> bool:
 
 def hf_to_bigjax(src: str, out: str) -> Config:
     """Import `src` (config.json + model.safetensors) into a new bigjax run dir `out`."""
-    from bigjax.checkpoint import Checkpointer
-    from bigjax.config import CheckpointConfig
-    from bigjax.state import init_state
-
     if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
         raise CheckpointError(f"'{out}' already holds checkpoints; convert into a new directory")
     cfg = model_config_for(src)
     params = load_params(src, cfg)  # before anything is written: bad input leaves `out` untouched
-    cfg.run.dir = os.path.abspath(out)
-    cfg.init.from_ = ""
-    cfg.checkpoint.async_save = False
-    if cfg.model.max_seq_len < cfg.train.seq_len:
-        cfg.train.seq_len = cfg.model.max_seq_len
+    run_dir = os.path.abspath(out)
+    changes = {"run.dir": run_dir, "init.from": "", "checkpoint.async_save": False}
     os.makedirs(out, exist_ok=True)
     if _copy_tokenizer(src, os.path.join(out, "tokenizer")):
-        cfg.data.tokenizer = os.path.join(cfg.run.dir, "tokenizer")
-    tx, abstract, shardings = _one_device_state(cfg)
-    state = init_state(cfg, tx, shardings)
+        changes["data.tokenizer"] = os.path.join(run_dir, "tokenizer")
+    cfg = updated(cfg, changes)
+    parts = one_device(cfg)
+    tx, shardings = parts.tx, parts.shardings
+    state = parts.init_state()
     # heads absent from the checkpoint keep their fresh init; everything else is replaced
     merged = _merge(jax.device_get(state.params), params)
     state = state.replace(params=jax.device_put(merged, shardings.params),
@@ -85,8 +69,6 @@ def _merge(base: dict, new: dict) -> dict:
 
 def run_params(run_dir: str, step: int | None = None) -> tuple[Config, dict]:
     """The config and parameters (numpy) of a run's latest (or given) checkpoint."""
-    from bigjax.checkpoint import Checkpointer, abstract_with_shardings
-
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"'{cfg_path}' does not exist: expected a bigjax run dir")
@@ -97,8 +79,8 @@ def run_params(run_dir: str, step: int | None = None) -> tuple[Config, dict]:
     step = ckpt.latest_step() if step is None else step
     if step is None:
         raise CheckpointError(f"'{run_dir}/checkpoints' holds no checkpoint")
-    tx, abstract, shardings = _one_device_state(cfg)
-    restored = ckpt.restore(step, abstract_with_shardings(abstract, shardings))
+    parts = one_device(cfg)
+    restored = ckpt.restore(step, abstract_with_shardings(parts.abstract, parts.shardings))
     ckpt.close()
     return cfg, jax.device_get(restored.state.params)
 

@@ -161,6 +161,8 @@ def family_of(cfg: Config) -> str:
     m = cfg.model
     if m.name == "bert":
         return "bert"
+    if m.name != "gpt":
+        raise ConfigError(f"model {m.name} has no Hugging Face mapping (bigjax converts gpt and bert)")
     if m.name == "gpt" and m.positions == "learned" and m.norm == "layernorm" and m.use_bias \
             and m.mlp in ("gelu", "gelu_tanh", "relu") and not m.n_kv_heads:
         return "gpt2"

@@ -5,21 +5,33 @@ pooler + dropout + classifier). Parameter names map one to one onto Hugging Face
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.config import Config, ModelConfig
+from bigjax.config import Config
 from bigjax.errors import ConfigError
-from bigjax.mesh import constrain
 from bigjax.models import layers
-from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm
+from bigjax.models.axes import constrain, param
+from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm, TransformerConfig
+from bigjax.registry import register_model
+
+
+@dataclass(frozen=True)
+class BertConfig(TransformerConfig):
+    """`model:` keys of the encoder (`name: bert`): post-LayerNorm, learned positions, biases."""
+
+    name: str = "bert"
+    type_vocab_size: int = 2  # token types (segments A/B)
+    pad_token_id: int = 0
 
 ACT = ("batch", "length", "act_embed")
 
 
 class BertLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
         attn_drop = cfg.dropout if cfg.attention_dropout < 0 else cfg.attention_dropout
@@ -48,7 +60,7 @@ class BertLayer(nnx.Module):
 class Bert(nnx.Module):
     """`head`: "masked_lm", "classification" or None (bare encoder with pooler, like BertModel)."""
 
-    def __init__(self, cfg: ModelConfig, head: str | None, num_labels: int, rngs: nnx.Rngs):
+    def __init__(self, cfg: BertConfig, head: str | None, num_labels: int, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         self.cfg, self.head = cfg, head
         D = cfg.d_model
@@ -70,8 +82,7 @@ class Bert(nnx.Module):
         mlm = head == "masked_lm"
         self.mlm_dense = dense(D, ("embed", None)) if mlm else None
         self.mlm_norm = Norm(D, "layernorm", cfg.norm_eps, True, dtype, rngs) if mlm else None
-        self.mlm_bias = (nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32), out_sharding=("vocab",))
-                         if mlm else None)
+        self.mlm_bias = param(jnp.zeros((cfg.vocab_size,), jnp.float32), ("vocab",)) if mlm else None
         self.rate = cfg.dropout
 
     def encode(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
@@ -128,4 +139,29 @@ class Bert(nnx.Module):
 
 def build_bert(cfg: Config, rngs: nnx.Rngs) -> Bert:
     head = cfg.task.name if cfg.task.name in ("masked_lm", "classification") else None
-    return Bert(cfg.model, head, cfg.task.num_labels, rngs)
+    return Bert(cfg.model, head, getattr(cfg.task, "num_labels", 0), rngs)
+
+
+def flops_per_token(cfg: Config, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B: 6 x matmul parameters + attention scores).
+
+    Token and position tables are lookups. A head reads a few positions (the masked ones, or
+    [CLS]), and bigjax computes the vocabulary projection and the last layer's queries, output and
+    MLP for those alone, so they count at that share of the tokens.
+    """
+    from bigjax.tasks import num_predictions
+    m, T = cfg.model, cfg.train.seq_len
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    matmul = float(n_params - (m.vocab_size + m.max_seq_len) * m.d_model)
+    attention = 12.0 * m.n_layers * T * m.n_heads * head_dim
+    share = {"masked_lm": num_predictions(T, getattr(cfg.task, "mlm_probability", 0.15)) / T,
+             "classification": 1 / T}.get(cfg.task.name, 1.0)
+    last = 2 * m.d_model * m.n_heads * head_dim + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
+    matmul -= (1 - share) * last
+    attention -= (1 - share) * 12.0 * T * m.n_heads * head_dim
+    if cfg.task.name == "masked_lm":  # tied to the word embeddings
+        matmul += share * m.vocab_size * m.d_model
+    return 6.0 * matmul + attention
+
+
+register_model("bert", BertConfig, build_bert, flops_per_token=flops_per_token)

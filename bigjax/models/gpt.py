@@ -3,24 +3,54 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigjax.config import ModelConfig
-from bigjax.mesh import constrain
+from bigjax.config import Config
+from bigjax.errors import ConfigError
 from bigjax.models import layers
-from bigjax.models.layers import (MLP, Attention, Dense, Embed, Norm, attention_mask, remat_layer,
-                                  remat_policy)
+from bigjax.models.axes import constrain
+from bigjax.models.layers import (MLP, Attention, Dense, Embed, Norm, TransformerConfig,
+                                  attention_mask, remat_layer, remat_policy)
+from bigjax.registry import register_model
+
+
+@dataclass(frozen=True)
+class GPTConfig(TransformerConfig):
+    """`model:` keys of the decoder (`name: gpt`): GPT-2 and LLaMA layouts are switches."""
+
+    name: str = "gpt"
+    n_kv_heads: int = 0  # grouped-query attention; 0 = n_heads
+    positions: Literal["learned", "rotary", "none"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    # decoder blocks as one stacked block applied by lax.scan: compile time independent of depth
+    scan_layers: bool = False
+
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        kv = self.n_kv_heads or self.n_heads
+        if self.n_heads % kv:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by "
+                              f"model.n_kv_heads={kv}")
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.positions == "learned"
 
 
 ACT = ("batch", "length", "act_embed")  # activations: split the batch, keep features whole
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual writes
@@ -44,7 +74,9 @@ class Block(nnx.Module):
 
 
 class GPT(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    """`GPT(GPTConfig(...), nnx.Rngs(0))` builds and runs as a plain Flax module (no mesh)."""
+
+    def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), dtype, cfg.init_std, rngs)
@@ -92,7 +124,7 @@ class GPT(nnx.Module):
 
 
 def _scan_blocks(blocks: Block, x: jax.Array, call, rngs: nnx.Rngs | None,
-                 cfg: ModelConfig) -> jax.Array:
+                 cfg: GPTConfig) -> jax.Array:
     """The stacked blocks applied in order by one `lax.scan`: XLA compiles one block, not
     n_layers copies (compile time stays flat as the model deepens). Each layer's dropout draws
     from its own key, split from one."""
@@ -126,3 +158,18 @@ def unstack_layers(params: dict) -> dict:
     for i in range(n):
         out[f"layer_{i}"] = jax.tree.map(lambda x: np.asarray(x)[i], params["layers"])
     return out
+
+
+def flops_per_token(cfg: Config, n_params: int) -> float:
+    """Training FLOPs per token (PaLM appendix B): 6 x the matmul parameters a token passes
+    through (token and position tables are lookups; a tied output projection is a matmul) plus
+    attention scores."""
+    m, T = cfg.model, cfg.train.seq_len
+    lookup = m.vocab_size * m.d_model + (m.max_seq_len * m.d_model if m.positions == "learned" else 0)
+    head_dim = m.head_dim or m.d_model // m.n_heads
+    matmul = float(n_params - lookup) + (m.vocab_size * m.d_model if m.tie_embeddings else 0)
+    return 6.0 * matmul + 12.0 * m.n_layers * T * m.n_heads * head_dim
+
+
+register_model("gpt", GPTConfig, lambda cfg, rngs: GPT(cfg.model, rngs),
+               flops_per_token=flops_per_token)

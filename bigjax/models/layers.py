@@ -7,17 +7,58 @@ evaluation), so the train step derives it from (seed, step) and resume needs no 
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Literal, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-Axes = tuple[str | None, ...]
+from bigjax.config import Config, ModelConfig, derived, require_positive
+from bigjax.errors import ConfigError
+from bigjax.models.axes import Axes, param
+
+
+@dataclass(frozen=True)
+class TransformerConfig(ModelConfig):
+    """The `model:` keys the Transformer families share (gpt and bert add their own)."""
+
+    vocab_size: int = derived(0, "vocab")  # 0 = the tokenizer's size, rounded up to 128s
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    head_dim: int = 0  # 0 = d_model // n_heads
+    d_ff: int = 512
+    max_seq_len: int = 512  # size of the learned position table
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "gelu_tanh", "swiglu", "relu"] = "gelu"
+    dropout: float = 0.0  # residual, attention and embedding dropout in training
+    attention_dropout: float = -1.0  # -1 = same as dropout
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype; parameters stay float32
+    # activation checkpointing per layer: none | full (keep only layer inputs, recompute the rest
+    # in the backward pass) | dots (also keep matmul outputs: recompute only elementwise work)
+    remat: Literal["none", "full", "dots"] = "none"
+    init_std: float = 0.02
+
+    def check(self, cfg: Config) -> None:
+        require_positive({"model.d_model": self.d_model, "model.n_layers": self.n_layers,
+                          "model.n_heads": self.n_heads, "model.d_ff": self.d_ff})
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not self.head_dim and self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} is not divisible by "
+                              f"model.n_heads={self.n_heads}; set model.head_dim")
+        if self.learned_positions and cfg.train.seq_len > self.max_seq_len:
+            raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds "
+                              f"model.max_seq_len={self.max_seq_len}")
+
+    @property
+    def learned_positions(self) -> bool:
+        return True
 
 
 def _param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes) -> nnx.Param:
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=axes)
+    return param(init(rngs.params(), tuple(shape), jnp.float32), axes)
 
 
 class Dense(nnx.Module):
