@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from typing import Any
 
 import jax
 
 
 def stage(text: str, enabled: bool = True) -> None:
-    """One line on stderr (process 0) for a start-up stage before the progress bar exists."""
+    """One line (process 0, stdout: stderr keeps errors to one line) for a start-up stage before
+    the progress bar exists."""
     if enabled and jax.process_index() == 0:
-        print(f"bigjax: {text}", file=sys.stderr, flush=True)
+        print(f"bigjax: {text}...", flush=True)
 
 
 class Reporter:

@@ -79,3 +79,32 @@ def test_bfloat16_compute_keeps_float32_params_and_close_logits():
     out = bf16(TOKENS)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, f32(TOKENS), atol=0.1)
+
+
+def test_a_plain_flax_module_with_flax_defaults():
+    """Built and called outside bigjax's machinery, with Flax's defaults (eager sharding on, no
+    mesh): the same logits as the registry's build, and logical axis names in its metadata."""
+    import subprocess
+    import sys
+
+    from bigjax.models.axes import logical_axes
+    from bigjax.models.gpt import GPT, GPTConfig
+
+    assert nnx.using_eager_sharding()
+    plain = GPT(GPTConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=48, n_layers=2,
+                          max_seq_len=16), nnx.Rngs(params=0))
+    np.testing.assert_array_equal(np.asarray(plain(TOKENS)), np.asarray(build()(TOKENS)))
+    axes = logical_axes(plain)
+    assert axes["layer_0"]["attn"]["query"]["kernel"] == ("embed", "heads", "kv")
+    assert axes["embed"]["embedding"] == ("vocab", "embed")
+    # the models name activations too, without the mesh module
+    code = ("import sys, bigjax.models.gpt, bigjax.models.bert; "
+            "print(sorted(m for m in sys.modules if m in ('bigjax.mesh', 'bigjax.trainer')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_scanned_layers_name_their_stacked_axis():
+    from bigjax.models.axes import logical_axes
+    axes = logical_axes(build("model.scan_layers=true"))
+    assert axes["layers"]["mlp"]["up"]["kernel"] == ("layers", "embed", "mlp")
