@@ -1,5 +1,5 @@
-"""The FLOPs per token behind MFU agree with what XLA counts in the compiled forward+backward pass,
-for a decoder and for BERT heads that compute only the positions they read."""
+"""The FLOPs per token behind MFU agree with what XLA counts in the forward+backward pass, for a
+decoder and for BERT heads that compute only the positions they read."""
 
 from __future__ import annotations
 
@@ -9,15 +9,23 @@ import pytest
 from flax import nnx
 
 from bigjax.config import load_config
-from bigjax.tasks import num_predictions
 from bigjax.models import create_model
 from bigjax.perf import flops_per_token
+from bigjax.tasks import num_predictions
 
-B, T = 4, 64
-SIZE = ["model.vocab_size=2048", "model.d_model=128", "model.n_heads=4", "model.d_ff=512",
-        "model.n_layers=2", f"model.max_seq_len={T}", f"train.seq_len={T}"]
+# wide: the weight matmuls dominate (attention 5-8% of the FLOPs, a GPT's tied head 38%); long:
+# the attention scores are 36-57% (T large against d_model)
+SIZES = {"wide": ["model.vocab_size=2048", "model.d_model=128", "model.n_heads=4",
+                  "model.d_ff=512", "model.n_layers=2", "model.max_seq_len=64",
+                  "train.seq_len=64"],
+         "long": ["model.vocab_size=2048", "model.d_model=64", "model.n_heads=2",
+                  "model.d_ff=256", "model.n_layers=2", "model.max_seq_len=512",
+                  "train.seq_len=512"]}
+B = 1  # a larger batch at T=512 makes the CPU attention loop over chunks (layers._chunk_rows), and
+# XLA's cost analysis counts a loop's body once
 
 
+@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("overrides", [
     [],  # GPT decoder, tied head
     ["model.tie_embeddings=false"],
@@ -25,9 +33,11 @@ SIZE = ["model.vocab_size=2048", "model.d_model=128", "model.n_heads=4", "model.
     ["model.name=bert", "task.name=classification", "task.num_labels=3"],
     ["model.name=bert"],  # bare encoder: every position through every layer
 ])
-def test_flops_per_token_matches_xla_cost_analysis(overrides):
-    cfg = load_config(None, SIZE + overrides)
-    model = create_model(cfg, nnx.Rngs(params=0))
+def test_flops_per_token_matches_xla_cost_analysis(size, overrides):
+    cfg = load_config(None, SIZES[size] + overrides)
+    T = cfg.train.seq_len
+    # shapes only: nothing is initialised or run
+    model = nnx.eval_shape(lambda: create_model(cfg, nnx.Rngs(params=0)))
     graphdef, params = nnx.split(model, nnx.Param)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     kw = {}
@@ -37,10 +47,18 @@ def test_flops_per_token_matches_xla_cost_analysis(overrides):
         kw["attention_mask"] = jnp.ones((B, T), jnp.int32)
 
     def loss(params, ids):
-        return nnx.merge(graphdef, params)(ids, **kw).sum()
+        out = nnx.merge(graphdef, params)(ids, **kw)
+        # not out.sum(): under its constant cotangent one of the head's backward matmuls goes
+        # uncounted (a GPT's formula / XLA 1.12)
+        return (out * out).sum()
 
-    cost = jax.jit(jax.grad(loss)).lower(params, jnp.ones((B, T), jnp.int32)).compile()
-    cost = cost.cost_analysis()
+    lowered = jax.jit(jax.grad(loss)).lower(params, jax.ShapeDtypeStruct((B, T), jnp.int32))
+    cost = lowered.cost_analysis()  # the program as written, before XLA's optimisations
     xla = (cost[0] if isinstance(cost, list) else cost)["flops"] / (B * T)
-    # XLA also counts elementwise work and skips the input gradient of the first layer
-    assert flops_per_token(cfg, n_params) == pytest.approx(xla, rel=0.15)
+    # XLA also counts elementwise work (softmax, norms, GELU, the loss) that model FLOPs leave out:
+    # 1.7-3.2% more here at "wide", 2.1-4.4% at "long" (formula / XLA 0.969-0.983 and 0.957-0.979).
+    # Model FLOPs above XLA's count are wrong; so are 6% below. What fails: no attention term
+    # (formula / XLA: wide 0.90-0.93, long 0.41-0.62), the tied head left out (GPT 0.61-0.62,
+    # masked-LM 0.86), the BERT pooler / masked-LM transform counted at every token (wide
+    # 1.007-1.043).
+    assert 0.94 * xla <= flops_per_token(cfg, n_params) <= xla

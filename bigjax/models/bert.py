@@ -158,6 +158,10 @@ def flops_per_token(cfg: Config, n_params: int) -> float:
              "classification": 1 / T}.get(cfg.task.name, 1.0)
     last = 2 * m.d_model * m.n_heads * head_dim + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
     matmul -= (1 - share) * last
+    # the head's d x d dense (pooler, or masked-LM transform) runs at those positions only; a bare
+    # encoder returns hidden states and never runs its pooler
+    head = (m.d_model + 1) * m.d_model
+    matmul -= (1 - share) * head if cfg.task.name in ("masked_lm", "classification") else head
     attention -= (1 - share) * 12.0 * T * m.n_heads * head_dim
     if cfg.task.name == "masked_lm":  # tied to the word embeddings
         matmul += share * m.vocab_size * m.d_model
