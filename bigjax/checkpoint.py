@@ -243,7 +243,7 @@ class Checkpointer:
                         for section in ("optimizer", "task") if section in saved_config
                         for k in sorted(set(saved_config[section]) | set(config[section]))
                         if saved_config[section].get(k) != config[section].get(k)]
-            why = f"{'; '.join(settings)} differ; " if settings else ""
+            why = f"the config differs in {'; '.join(settings)}; " if settings else ""
             raise ModelMismatch(f"{where} does not fit this run's state: {why}arrays "
                                 f"{'; '.join(diff[:5])}"
                                 f"{f' and {len(diff) - 5} more' if len(diff) > 5 else ''}")

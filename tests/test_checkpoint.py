@@ -126,7 +126,26 @@ def reference(tmp_path_factory, cache_dir) -> str:
     run_dir = str(tmp_path_factory.mktemp("ref") / "run")
     proc = train(cache_dir, run_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(os.path.join(run_dir, "stdout.txt"), "w") as fh:
+        fh.write(proc.stdout)
     return run_dir
+
+
+def test_a_partial_evaluation_says_how_much_it_scored(reference):
+    """train.eval_batches=2 of batch 8 scores 16 validation windows: the rows and the printed
+    lines say so, and what a user calls the data (documents, windows) is named at start-up."""
+    with open(os.path.join(reference, "metrics.jsonl")) as fh:
+        evals = [r for r in map(json.loads, fh) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    total = evals[0]["eval_split_examples"]
+    assert total > 16 and all((r["eval_examples"], r["eval_split_examples"]) == (16, total)
+                              for r in evals)
+    with open(os.path.join(reference, "stdout.txt")) as fh:
+        out = fh.read()
+    assert re.search(r"^step 30: eval_loss \S+ eval_accuracy \S+ eval_perplexity \S+ "
+                     rf"\(partial: 16 of {total} validation examples\)$", out, re.M), out
+    assert re.search(r"^model: 0\.\d\dM parameters, mesh \{'data': 8, 'fsdp': 1, 'tensor': 1\}; "
+                     r"data: \d+ training documents in \d+ windows of 32 tokens$", out, re.M), out
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +305,12 @@ def test_resume_refuses_a_different_model_before_writing(tmp_path, cache_dir, re
                                       "train.steps=40"], tokenizer=tokenizer)
     assert_one_line_error(proc, "was written by a different model: model.d_ff (checkpoint 64, "
                                 "config 128); model.n_layers (checkpoint 1, config 2); ")
+    assert snapshot(run_dir) == before
+
+    # another optimizer: the setting comes first, not a list of 100+ optimizer arrays
+    proc = train(cache_dir, run_dir, ["optimizer.name=sgd", "train.steps=40"], tokenizer=tokenizer)
+    assert_one_line_error(proc, "does not fit this run's state: the config differs in "
+                                "optimizer.name (checkpoint 'adamw', config 'sgd'); arrays ")
     assert snapshot(run_dir) == before
 
     proc = train(cache_dir, run_dir, ["checkpoint.resume=never"], tokenizer=tokenizer)
