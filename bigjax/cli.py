@@ -13,7 +13,11 @@ TRAIN_HELP = """\
 Train a model from a YAML config.
 
   bigjax train configs/gpt_tiny.yaml
-  bigjax train configs/gpt_tiny.yaml train.steps=50 run.dir=runs/try mesh.fsdp=2
+  bigjax train configs/gpt_tiny.yaml train.steps=50 run.dir=runs/try
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+    bigjax train configs/gpt_tiny.yaml train.steps=50 run.dir=runs/try2 mesh.fsdp=2
+
+(On a CPU, XLA_FLAGS simulates devices, so a mesh of several runs here too.)
 
 Overrides are key.sub=value pairs, checked against the config schema (README: "Config keys").
 Running the same command again with the same run.dir resumes from its latest checkpoint.
