@@ -21,8 +21,11 @@ def _err(capsys, *args) -> str:
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["mesh.data=3"], "mesh: data*fsdp*tensor = 3*1*1 = 3, but there are 8 devices"),
-    (["mesh.fsdp=3"], "mesh: fsdp*tensor*dcn_data = 3 does not divide the 8 devices"),
+    (["mesh.data=3"], "mesh: data*fsdp*tensor = 3*1*1 = 3, but there are 8 devices (set "
+     "mesh.data=-1 to use the rest); on CPU, simulate 3 devices by starting with "
+     "XLA_FLAGS=--xla_force_host_platform_device_count=3"),
+    (["mesh.fsdp=3"], "mesh: fsdp*tensor*dcn_data = 3 does not divide the 8 devices; on CPU, "
+     "simulate 3 devices by starting with XLA_FLAGS=--xla_force_host_platform_device_count=3"),
     (["mesh.data=4", "mesh.fsdp=2", "train.batch_size=12"],
      "train.batch_size=12 (micro-batch 12 with grad_accum=1) is not divisible by the "
      "batch-sharded mesh axes data*fsdp=8"),
