@@ -14,7 +14,7 @@ Train a model from a YAML config.
 
   bigjax train configs/gpt_tiny.yaml
   bigjax train configs/gpt_tiny.yaml train.steps=50 run.dir=runs/try
-  XLA_FLAGS=--xla_force_host_platform_device_count=2 \
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
     bigjax train configs/gpt_tiny.yaml train.steps=50 run.dir=runs/try2 mesh.fsdp=2
 
 (On a CPU, XLA_FLAGS simulates devices, so a mesh of several runs here too.)
@@ -33,33 +33,40 @@ Reads and writes config.json + model.safetensors (BERT, GPT-2, LLaMA-style) and 
 """
 
 
+def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose description keeps its line breaks (its examples)."""
+    return sub.add_parser(name, help=help, description=description,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _group(sub, name: str, help: str):
+    """A command with subcommands of its own (`bigjax data inspect`)."""
+    return sub.add_parser(name, help=help).add_subparsers(
+        dest=f"{name}_command", required=True, metavar="SUBCOMMAND")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bigjax", description="JAX/Flax training for large models.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    tr = sub.add_parser("train", help="train from a config", description=TRAIN_HELP,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr = _command(sub, "train", "train from a config", TRAIN_HELP)
     tr.add_argument("config", help="YAML config file")
     tr.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    ev = sub.add_parser("eval", help="metrics of a run on its whole validation split",
-                        description="Restore RUN_DIR's latest checkpoint and print its metrics "
-                        "on the whole validation split.\n\n  bigjax eval runs/minilm_sentiment",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev = _command(sub, "eval", "metrics of a run on its whole validation split",
+                  "Restore RUN_DIR's latest checkpoint and print its metrics on the whole "
+                  "validation split.\n\n  bigjax eval runs/minilm_sentiment")
     ev.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
     ev.add_argument("overrides", nargs="*",
                     help="key.sub=value overrides, e.g. data.eval_split=other.csv")
-    pr = sub.add_parser("predict", help="label and probability of each text (classification)",
-                        description="Print one line per text: label, probability, text.\n\n"
-                        "  bigjax predict runs/minilm_sentiment \"I love this movie!\" "
-                        "\"What a waste of time.\"",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pr = _command(sub, "predict", "label and probability of each text (classification)",
+                  "Print one line per text: label, probability, text.\n\n  bigjax predict "
+                  "runs/minilm_sentiment \"I love this movie!\" \"What a waste of time.\"")
     pr.add_argument("run_dir", help="run directory of a classification run")
     pr.add_argument("texts", nargs="+", help="texts to classify")
     ck = sub.add_parser("checkpoints", help="list the checkpoints of a run",
                         description="List a run's checkpoints: step, commit time, size, the "
                                     "metrics saved with it, complete or not.")
     ck.add_argument("run_dir", help="run directory (holds checkpoints/)")
-    cv = sub.add_parser("convert", help="Hugging Face weights <-> bigjax run dirs",
-                        description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cv = _command(sub, "convert", "Hugging Face weights <-> bigjax run dirs", CONVERT_HELP)
     cv.add_argument("direction", choices=["hf-to-bigjax", "bigjax-to-hf"])
     cv.add_argument("src", help="HF model dir (config.json + model.safetensors) or bigjax run dir")
     cv.add_argument("out", help="new output directory")
@@ -68,25 +75,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _data_parsers(sub) -> None:
-    da = sub.add_parser("data", help="inspect the input pipeline of a config")
-    da_sub = da.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-    ins = da_sub.add_parser("inspect", help="first examples after each transform, and throughput",
-                            description="Print the first examples after every transform (decoded "
-                            "back to text), tokens per example, and the loader's examples/s and "
-                            "tokens/s.\n\n  bigjax data inspect configs/gpt_tiny.yaml -n 2",
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    da_sub = _group(sub, "data", "inspect the input pipeline of a config")
+    ins = _command(da_sub, "inspect", "first examples after each transform, and throughput",
+                   "Print the first examples after every transform (decoded back to text), "
+                   "tokens per example, and the loader's examples/s and tokens/s.\n\n"
+                   "  bigjax data inspect configs/gpt_tiny.yaml -n 2")
     ins.add_argument("config", help="YAML config file")
     ins.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ins.add_argument("-n", "--examples", type=int, default=3, help="examples to show per stage")
     ins.add_argument("--seconds", type=float, default=2.0, help="how long to measure throughput")
-    to = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer")
-    to_sub = to.add_subparsers(dest="tokenizer_command", required=True, metavar="SUBCOMMAND")
-    tt = to_sub.add_parser("train", help="train a byte-level BPE on text files",
-                           description="Train a byte-level BPE (GPT-2 style) on .txt/.jsonl/.csv/"
-                           ".parquet files; the output loads with AutoTokenizer.from_pretrained and "
-                           "as data.tokenizer.\n\n  bigjax tokenizer train --files 'corpus/*.txt' "
-                           "--vocab-size 8000 --out tok/",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    to_sub = _group(sub, "tokenizer", "train a byte-level BPE tokenizer")
+    tt = _command(to_sub, "train", "train a byte-level BPE on text files",
+                  "Train a byte-level BPE (GPT-2 style) on .txt/.jsonl/.csv/.parquet files; the "
+                  "output loads with AutoTokenizer.from_pretrained and as data.tokenizer.\n\n"
+                  "  bigjax tokenizer train --files 'corpus/*.txt' --vocab-size 8000 --out tok/")
     tt.add_argument("--files", nargs="+", required=True, help="files or globs")
     tt.add_argument("--vocab-size", type=int, required=True, help="at least 258")
     tt.add_argument("--out", required=True, help="new output directory")
