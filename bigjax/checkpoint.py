@@ -87,9 +87,11 @@ def missing_files(step_dir: str) -> list[str]:
 
 
 def model_config_diff(saved: dict, current: dict) -> list[str]:
-    """`model.key (checkpoint X, config Y)` for every model key that would not fit the checkpoint."""
+    """`model.key (checkpoint X, config Y)` for every model key that would not fit the checkpoint.
+    Keys only one side has are not compared (a family's schema may have gained or dropped keys
+    since the checkpoint was written), except the family's name."""
     out = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted(set(saved) & set(current) | {"name"}):
         if key in RESUMABLE_MODEL_KEYS or saved.get(key) == current.get(key):
             continue
         out.append(f"model.{key} (checkpoint {saved.get(key)!r}, config {current.get(key)!r})")

@@ -315,8 +315,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults), apply `key.sub=value` overrides, check it."""
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None, *,
+                saved: bool = False) -> Config:
+    """Load a YAML config (or the defaults), apply `key.sub=value` overrides, check it.
+
+    `saved`: a run's own config.yaml, valid for the bigjax that wrote it. Keys its model family or
+    task no longer has are dropped rather than refused: runs written before the per-family
+    schemas saved every Transformer key for every family (`model.positions` for a BERT), inert
+    there."""
+    data = _read_yaml(path)
+    if saved:
+        for kind in ("model", "task"):
+            section = data.get(kind)
+            if isinstance(section, dict) and isinstance(section.get("name"), str):
+                known = {_key(f) for f in dataclasses.fields(_schema(kind, section["name"]))}
+                data[kind] = {k: v for k, v in section.items() if k in known}
+    return from_data(apply_overrides(data, list(overrides or [])))
+
+
+def _read_yaml(path: str | os.PathLike | None) -> dict:
     data: dict = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -328,7 +345,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(e)}")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys")
-    return from_data(apply_overrides(data, list(overrides or [])))
+    return data
 
 
 def from_data(data: dict) -> Config:

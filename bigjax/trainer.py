@@ -156,7 +156,7 @@ class Trainer:
         if not os.path.isfile(path):
             raise CheckpointError(f"'{run_dir}' is not a bigjax run dir (no config.yaml in it)")
         cfg = load_config(path, [f"run.dir={os.path.abspath(run_dir)}", "checkpoint.resume=must",
-                                 *(overrides or [])])
+                                 *(overrides or [])], saved=True)
         return cls(cfg, resolved=True)
 
     def predict(self, texts: list[str]) -> list[tuple[str, float]]:

@@ -59,3 +59,25 @@ def test_missing_and_invalid_files(tmp_path):
 
 def test_defaults_are_a_valid_config():
     assert isinstance(load_config(None), Config)
+
+
+def test_a_run_saved_before_per_family_schemas_still_loads(tmp_path):
+    """Older runs saved every Transformer key for every family (a BERT's `model.positions`, a
+    causal LM's `task.num_labels`): their own config.yaml loads, and resumes against them compare
+    only the keys both sides have; a config a user writes is still checked strictly."""
+    from bigjax.checkpoint import model_config_diff
+    import yaml
+
+    now = to_dict(load_config("configs/bert_mini_mlm.yaml"))
+    old = to_dict(load_config("configs/bert_mini_mlm.yaml"))
+    old["model"].update(positions="learned", norm="layernorm", use_bias=True, n_kv_heads=0,
+                        tie_embeddings=True, scan_layers=False, rope_theta=10000.0)
+    old["task"]["num_labels"] = 0
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"^unknown config key 'model\.\w+' for model 'bert'"):
+        load_config(path)
+    assert to_dict(load_config(path, saved=True)) == now
+    assert model_config_diff(old["model"], now["model"]) == []
+    assert model_config_diff(old["model"], {**now["model"], "name": "gpt"}) == [
+        "model.name (checkpoint 'bert', config 'gpt')"]

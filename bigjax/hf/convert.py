@@ -72,7 +72,7 @@ def run_params(run_dir: str, step: int | None = None) -> tuple[Config, dict]:
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"'{cfg_path}' does not exist: expected a bigjax run dir")
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, saved=True)
     if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
         raise CheckpointError(f"'{run_dir}' has no checkpoints/ directory")
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
