@@ -57,6 +57,29 @@ def test_local_sh_rejects_bad_arguments(tmp_path):
         2, f"local.sh: config file '{tmp_path / 'missing.yaml'}' does not exist")
 
 
+def test_rerun_advice_names_the_newest_complete_checkpoint(tmp_path):
+    """What local.sh says after a process died: the step a rerun resumes from (read without JAX)."""
+    from bigjax.resume import REQUIRED_FILES, rerun_advice
+    config, run = os.path.join(ROOT, "configs", "gpt_tiny.yaml"), tmp_path / "run"
+    ckpts = run / "checkpoints"
+    assert rerun_advice(config, [f"run.dir={run}"]) == (
+        f"rerun the same command to start again (no complete checkpoint in {ckpts})")
+    for step, files in ((4, REQUIRED_FILES), (8, REQUIRED_FILES), (12, REQUIRED_FILES[:-1])):
+        for f in files:
+            (ckpts / str(step) / f).parent.mkdir(parents=True, exist_ok=True)
+            (ckpts / str(step) / f).write_text("{}")
+    (ckpts / "16.orbax-checkpoint-tmp-1").mkdir()  # a save cut short
+    assert rerun_advice(config, [f"run.dir={run}"]) == (
+        f"rerun the same command to resume from step 8 ({ckpts}/8)")
+    assert rerun_advice(config, [f"run.dir={run}", "checkpoint.resume=never"]) == (
+        f"rerun the same command with checkpoint.resume=auto to resume from step 8 ({ckpts}/8)")
+    # the error a process died of may be the config itself: run.dir still comes from it
+    assert rerun_advice(config, ["train.stpes=3", f"run.dir={run}"], after_error=True) == (
+        f"fix the error above, then rerun to resume from step 8 ({ckpts}/8)")
+    assert rerun_advice(str(tmp_path / "missing.yaml"), []) == (
+        "rerun the same command to resume from the newest complete checkpoint")
+
+
 def test_tpu_pod_runs_one_command_on_all_workers(tmp_path):
     env = {**os.environ, "DRY_RUN": "1", "TPU_WORKERS": "2", "LOG_DIR": str(tmp_path / "logs")}
     out = subprocess.run(["bash", os.path.join(LAUNCH, "tpu_pod.sh"), "pod", "zone-a", "v4-16",
@@ -190,6 +213,21 @@ def test_dcn_data_keeps_fsdp_and_tensor_inside_a_host():
 def test_single_process_helpers_are_no_ops():
     distributed.barrier("nothing", timeout_s=1)
     assert distributed.agree("resume_step", "7", timeout_s=1) == "7"
+
+
+def test_a_collective_failing_on_a_cluster_is_one_line_with_the_resume_step():
+    """What a survivor prints when a collective notices a dead peer first (JAX's heartbeat would
+    abort it with a C++ stack later): one line, exit 1 at once, and where a rerun resumes."""
+    code = ("import jax; jax.process_count = lambda: 2  # as on a cluster of two\n"
+            "from bigjax.distributed import exit_if_peer_lost\n"
+            "exit_if_peer_lost(jax.errors.JaxRuntimeError('INTERNAL: Connection closed by peer\\n"
+            "more'), lambda: 'rerun the same command to resume from step 8 (r/checkpoints/8)')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert (out.returncode, out.stderr.splitlines()[-1]) == (1, (
+        "bigjax: error: distributed: process 0 of 2: a computation across processes failed, most "
+        "likely because another process died (see its log): INTERNAL: Connection closed by peer; "
+        "rerun the same command to resume from step 8 (r/checkpoints/8)")), out.stderr
 
 
 def test_timeout_must_be_positive():
