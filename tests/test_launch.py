@@ -239,9 +239,12 @@ def test_timeout_must_be_positive():
 
 def test_local_sh_gives_each_process_its_place_and_devices(tmp_path):
     # stands in for Python: reports the environment local.sh set; process 1 fails with status 3
+    # while process 0 would go on (until local.sh stops it)
     fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -c ] || [ "$2" = bigjax.resume ]; then '
+                    f'exec {sys.executable} "$@"; fi\n'
                     'echo "$XLA_FLAGS|$BIGJAX_COORDINATOR|$BIGJAX_NUM_PROCESSES|$BIGJAX_PROCESS_ID|$*"\n'
+                    'if [ "$BIGJAX_PROCESS_ID" = 0 ]; then exec sleep 60; fi\n'
                     'exit $((BIGJAX_PROCESS_ID * 3))\n')
     fake.chmod(0o755)
     config = os.path.join(ROOT, "configs", "gpt_tiny.yaml")
@@ -251,10 +254,16 @@ def test_local_sh_gives_each_process_its_place_and_devices(tmp_path):
         logs = tmp_path / f"logs{len(flags)}"
         env = {**os.environ, "PYTHON": str(fake), "XLA_FLAGS": flags, "BIGJAX_LOG_DIR": str(logs),
                "BIGJAX_COORDINATOR_PORT": "1234"}
-        out = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "2", config, "a.b=1"],
+        args = [config, "a.b=1", f"run.dir={tmp_path / 'run'}"]
+        out = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "2", *args],
                              env=env, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 3  # the first non-zero status
+        assert out.returncode == 3  # the failed process's status
+        line = f"{expected}|localhost:1234|2|{{}}|-u -m bigjax.cli train {' '.join(args)}"
         for i in (0, 1):
-            assert (logs / f"process-{i}.log").read_text() == (
-                f"{expected}|localhost:1234|2|{i}|-u -m bigjax.cli train {config} a.b=1\n")
+            assert (logs / f"process-{i}.log").read_text() == line.format(i) + "\n"
         assert out.stdout == (logs / "process-0.log").read_text()  # process 0 on the terminal
+        # the failed process's last line, then one line: which, how, what a rerun does
+        assert out.stderr.splitlines()[-2:] == [
+            f"process 1: {line.format(1)}",
+            "bigjax launch: process 1 failed (exit code 3); stopped the others; rerun the same "
+            f"command to start again (no complete checkpoint in {tmp_path / 'run' / 'checkpoints'})"]
