@@ -25,6 +25,8 @@ from bigjax.config import CheckpointConfig
 from bigjax.distributed import private_path
 from bigjax.errors import CheckpointError, first_line
 from bigjax.mesh import path_str
+# what makes a checkpoint complete lives without JAX, for launchers
+from bigjax.resume import REQUIRED_FILES, missing_files  # noqa: F401
 
 log = logging.getLogger("bigjax")
 
@@ -55,9 +57,6 @@ def _quiet_closed_loop_hook(previous):
 sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
 
 ITEMS = ("state", "data", "meta")
-# Files every finished checkpoint has; a step dir without one of them was cut short or damaged.
-REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
-                  "data/metadata", "meta/metadata")
 # Model keys that change neither the parameter tree nor its meaning, so a resume may change them.
 RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attention_dropout", "dtype", "init_std", "remat"})
 
@@ -80,10 +79,6 @@ def _probe_writable(directory: str) -> None:
     if reason:
         raise CheckpointError(f"checkpoint directory '{directory}' is not writable "
                               f"({reason}); use a run.dir on a writable disk")
-
-
-def missing_files(step_dir: str) -> list[str]:
-    return [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(step_dir, f))]
 
 
 def model_config_diff(saved: dict, current: dict) -> list[str]:

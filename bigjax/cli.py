@@ -203,7 +203,11 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         from bigjax.distributed import exit_if_peer_lost
-        exit_if_peer_lost(e)  # on a cluster: one line and exit now, not a wait for a dead peer
+        from bigjax.resume import rerun_advice
+        advice = (lambda: rerun_advice(args.config, args.overrides)) if args.command == "train" \
+            else None
+        # on a cluster: one line and exit now, not a wait for a dead peer
+        exit_if_peer_lost(e, advice)
         raise
 
 

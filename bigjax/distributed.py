@@ -258,16 +258,18 @@ def agree(name: str, value: str, timeout_s: int) -> str:
     return theirs
 
 
-def exit_if_peer_lost(e: BaseException) -> None:
+def exit_if_peer_lost(e: BaseException, advice: Callable[[], str] | None = None) -> None:
     """On several processes, end at once with one line when a JAX runtime error escapes.
 
     Mostly it is a collective whose peer died. Exiting normally would first wait in JAX's shutdown
     barrier for that peer (distributed.timeout_s) and then abort with a C++ stack trace.
+    `advice`: what a rerun does (bigjax.resume.rerun_advice), appended to the line.
     """
     if not isinstance(e, jax.errors.JaxRuntimeError) or jax.process_count() == 1:
         return
     first = first_line(e)
+    rerun = f"; {advice()}" if advice else ""
     print(f"bigjax: error: distributed: process {jax.process_index()} of {jax.process_count()}: "
           f"a computation across processes failed, most likely because another process died "
-          f"(see its log): {first}", file=sys.stderr, flush=True)
+          f"(see its log): {first}{rerun}", file=sys.stderr, flush=True)
     os._exit(1)

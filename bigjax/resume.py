@@ -1,0 +1,81 @@
+"""Which checkpoint a rerun of a run resumes from, read from the run dir alone.
+
+No JAX here: `launch/local.sh` asks after one of its processes died, and the answer should come
+in a fraction of a second. `python -m bigjax.resume [--after-error] CONFIG [key=value ...]` prints
+the advice for the run that `bigjax train CONFIG [key=value ...]` writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import yaml
+
+from bigjax.config import load_config
+from bigjax.errors import BigjaxError
+
+# Files every finished checkpoint has; a step dir without one of them was cut short or damaged.
+REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
+                  "data/metadata", "meta/metadata")
+
+
+def missing_files(step_dir: str) -> list[str]:
+    return [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(step_dir, f))]
+
+
+def newest_complete_step(checkpoints_dir: str) -> int | None:
+    """The newest `<step>` dir with every required file (the one a resume picks), or None."""
+    try:
+        names = os.listdir(checkpoints_dir)
+    except OSError:
+        return None
+    for step in sorted((int(n) for n in names if n.isdigit()), reverse=True):
+        if not missing_files(os.path.join(checkpoints_dir, str(step))):
+            return step
+    return None
+
+
+def _run_settings(config: str, overrides: list[str]) -> tuple[str | None, str]:
+    """(run.dir, checkpoint.resume) as the run sees them; when the config does not load (the
+    error a process died of, say), run.dir as its YAML and overrides give it."""
+    try:
+        cfg = load_config(config, overrides)
+        return cfg.run.dir, cfg.checkpoint.resume
+    except BigjaxError:
+        pass
+    run_dir = None
+    try:
+        with open(config, encoding="utf-8") as fh:
+            run_dir = ((yaml.safe_load(fh) or {}).get("run") or {}).get("dir")
+    except (OSError, yaml.YAMLError, AttributeError):
+        pass
+    for item in overrides:
+        if item.startswith("run.dir="):
+            run_dir = item.split("=", 1)[1]
+    return (str(run_dir) if run_dir else None), "auto"
+
+
+def rerun_advice(config: str, overrides: list[str], after_error: bool = False) -> str:
+    """What running the `bigjax train` command again does, e.g. `rerun the same command to resume
+    from step 6 (runs/x/checkpoints/6)`. `after_error`: the run ended with a bigjax error, which
+    has to be fixed first."""
+    run_dir, resume = _run_settings(config, overrides)
+    rerun = "fix the error above, then rerun" if after_error else "rerun the same command"
+    directory = os.path.join(run_dir, "checkpoints") if run_dir else None
+    step = newest_complete_step(directory) if directory else None
+    if directory and step is None:
+        return f"{rerun} to start again (no complete checkpoint in {directory})"
+    if resume == "never":  # the run refuses a run dir with checkpoints
+        rerun += " with checkpoint.resume=auto"
+    if step is None:
+        return f"{rerun} to resume from the newest complete checkpoint"
+    return f"{rerun} to resume from step {step} ({os.path.join(directory, str(step))})"
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    after_error = bool(args) and args[0] == "--after-error"
+    args = args[after_error:]
+    if not args:
+        sys.exit("usage: python -m bigjax.resume [--after-error] CONFIG [key=value ...]")
+    print(rerun_advice(args[0], args[1:], after_error))
