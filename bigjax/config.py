@@ -323,17 +323,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     task no longer has are dropped rather than refused: runs written before the per-family
     schemas saved every Transformer key for every family (`model.positions` for a BERT), inert
     there."""
-    data = _read_yaml(path)
+    data = read_config_data(path, overrides)
     if saved:
         for kind in ("model", "task"):
             section = data.get(kind)
             if isinstance(section, dict) and isinstance(section.get("name"), str):
                 known = {_key(f) for f in dataclasses.fields(_schema(kind, section["name"]))}
                 data[kind] = {k: v for k, v in section.items() if k in known}
-    return from_data(apply_overrides(data, list(overrides or [])))
+    return from_data(data)
 
 
-def _read_yaml(path: str | os.PathLike | None) -> dict:
+def read_config_data(path: str | os.PathLike | None, overrides: list[str] | None = None) -> dict:
+    """The YAML mapping with the overrides applied, not yet checked against any schema (needs
+    neither the registry nor JAX: `bigjax.resume` reads run.dir from it)."""
     data: dict = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -345,7 +347,7 @@ def _read_yaml(path: str | os.PathLike | None) -> dict:
             raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(e)}")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of keys")
-    return data
+    return apply_overrides(data, list(overrides or []))
 
 
 def from_data(data: dict) -> Config:

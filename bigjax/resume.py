@@ -10,9 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
-import yaml
-
-from bigjax.config import load_config
+from bigjax.config import RunConfig, read_config_data
 from bigjax.errors import BigjaxError
 
 # Files every finished checkpoint has; a step dir without one of them was cut short or damaged.
@@ -37,23 +35,15 @@ def newest_complete_step(checkpoints_dir: str) -> int | None:
 
 
 def _run_settings(config: str, overrides: list[str]) -> tuple[str | None, str]:
-    """(run.dir, checkpoint.resume) as the run sees them; when the config does not load (the
-    error a process died of, say), run.dir as its YAML and overrides give it."""
+    """(run.dir, checkpoint.resume) as the YAML and overrides give them, without checking the
+    rest (a config that does not load may be what a process died of)."""
     try:
-        cfg = load_config(config, overrides)
-        return cfg.run.dir, cfg.checkpoint.resume
+        data = read_config_data(config, overrides)
     except BigjaxError:
-        pass
-    run_dir = None
-    try:
-        with open(config, encoding="utf-8") as fh:
-            run_dir = ((yaml.safe_load(fh) or {}).get("run") or {}).get("dir")
-    except (OSError, yaml.YAMLError, AttributeError):
-        pass
-    for item in overrides:
-        if item.startswith("run.dir="):
-            run_dir = item.split("=", 1)[1]
-    return (str(run_dir) if run_dir else None), "auto"
+        return None, "auto"
+    section = lambda name: data.get(name) if isinstance(data.get(name), dict) else {}
+    run_dir = section("run").get("dir", RunConfig().dir)
+    return (str(run_dir) if run_dir else None), str(section("checkpoint").get("resume", "auto"))
 
 
 def rerun_advice(config: str, overrides: list[str], after_error: bool = False) -> str:
@@ -71,6 +61,7 @@ def rerun_advice(config: str, overrides: list[str], after_error: bool = False) -
     if step is None:
         return f"{rerun} to resume from the newest complete checkpoint"
     return f"{rerun} to resume from step {step} ({os.path.join(directory, str(step))})"
+
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "bigjax")
 # lowest first; a module belongs to the longest prefix listed (`hf.convert` before `hf`)
 LAYERS = [
     ("errors", "config", "registry"),
-    ("distributed",),
+    ("distributed", "resume"),
     ("mesh",),
     ("models", "tasks", "optim"),
     ("state", "perf"),
