@@ -160,6 +160,14 @@ def _classification(cfg: Config) -> Task:
     return Classification(cfg.task.num_labels)
 
 
+def head(cfg: Config) -> str | None:
+    """The kind of output head the task's batches need: "masked_lm" (token logits at masked
+    positions), "classification" (logits per sequence) or None (the model's own output). Read
+    from the task's data builder, so a plug-in task on classification batches gets a classifier."""
+    return {"mlm": "masked_lm", "classification": "classification"}.get(
+        registry.task(cfg.task.name).data)
+
+
 def make_task(cfg: Config) -> Task:
     return registry.task(cfg.task.name).create(cfg)
 

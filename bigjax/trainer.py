@@ -27,6 +27,7 @@ from bigjax.perf import flops_per_token, peak_flops
 from bigjax.report import Reporter, plot_losses, stage
 from bigjax.resolve import resolve
 from bigjax.state import TrainState
+from bigjax.tasks import head
 
 __version__ = "0.1.0"
 
@@ -163,7 +164,7 @@ class Trainer:
         """(label name, probability) of the most likely class for each text."""
         from bigjax.data.classification import load_label_names
         from bigjax.predict import predict_texts, probs_fn
-        if self.cfg.task.name != "classification":
+        if head(self.cfg) != "classification":
             raise ConfigError(f"predict needs a classification run; this one has "
                               f"task.name={self.cfg.task.name}")
         state = self.init_state()
