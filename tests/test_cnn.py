@@ -270,3 +270,22 @@ def test_resume_from_a_mid_run_checkpoint_is_bitwise_identical(reference_run, tm
         assert np.array_equal(got[k], ref[k]), k
     loss = lambda rows: {r["step"]: r["loss"] for r in rows if "loss" in r}
     assert loss(_rows(run_dir)) == loss(ref_rows)
+
+
+def test_accumulation_updates_the_statistics_once_per_micro_batch():
+    """grad_accum=2: micro-batch i holds rows i, i+2, ... (step._split_micro); each one is
+    normalised with its own statistics and updates the running averages in turn."""
+    parts = one_device(cnn_config("train.grad_accum=2"))
+    state = parts.init_state()
+    batch = image_batch()
+    fwd = _forward(parts, train=True)
+    ms = state.model_state
+    for i in range(2):
+        _, ms = fwd(state.params, ms, {k: v[i::2] for k, v in batch.items()})
+    _, whole = fwd(state.params, state.model_state, batch)  # (before the step donates state)
+    new_state, _ = parts.train_step(state, batch)
+    expected, got = _bn_stats(ms), _bn_stats(new_state.model_state)
+    for k in expected:
+        np.testing.assert_allclose(got[k], expected[k], rtol=0, atol=1e-6)
+    # not one update with the whole batch's statistics
+    assert np.abs(_bn_stats(whole)["bn_0/mean"] - got["bn_0/mean"]).max() > 1e-4
