@@ -104,25 +104,36 @@ class Classification:
         labels, w = batch["labels"], batch["weights"].astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         pred = jnp.argmax(logits, -1)
-        out = {"loss_sum": (losses * w).sum(), "weight": w.sum(),
-               "correct": ((pred == labels) * w).sum()}
-        for k in range(self.num_labels):
-            is_pred, is_label = (pred == k) * w, (labels == k) * w
-            out[f"tp_{k}"] = (is_pred * (labels == k)).sum()
-            out[f"fp_{k}"] = (is_pred * (labels != k)).sum()
-            out[f"fn_{k}"] = (is_label * (pred != k)).sum()
-        return out
+        return {"loss_sum": (losses * w).sum(), "weight": w.sum(),
+                "correct": ((pred == labels) * w).sum(),
+                **class_counts(pred, labels, w, self.num_labels)}
 
     def finalize(self, sums):
         w = max(sums["weight"], 1e-9)
-        # like scikit-learn's macro F1: averaged over the classes present in labels or predictions
-        f1s = []
-        for k in range(self.num_labels):
-            tp, fp, fn = sums[f"tp_{k}"], sums[f"fp_{k}"], sums[f"fn_{k}"]
-            if tp + fp + fn > 0:
-                f1s.append(2 * tp / (2 * tp + fp + fn))
         return {"loss": sums["loss_sum"] / w, "accuracy": sums["correct"] / w,
-                "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+                "macro_f1": macro_f1(sums, self.num_labels)}
+
+
+def class_counts(pred: jax.Array, labels: jax.Array, w: jax.Array, num_labels: int) -> Stats:
+    """Weighted per-class true/false positives and false negatives as scalars (`tp_3`, ...):
+    additive, so macro F1 over a whole split is exact however it was batched."""
+    out = {}
+    for k in range(num_labels):
+        is_pred, is_label = (pred == k) * w, (labels == k) * w
+        out[f"tp_{k}"] = (is_pred * (labels == k)).sum()
+        out[f"fp_{k}"] = (is_pred * (labels != k)).sum()
+        out[f"fn_{k}"] = (is_label * (pred != k)).sum()
+    return out
+
+
+def macro_f1(sums: dict[str, float], num_labels: int) -> float:
+    """Like scikit-learn's macro F1: averaged over the classes present in labels or predictions."""
+    f1s = []
+    for k in range(num_labels):
+        tp, fp, fn = sums[f"tp_{k}"], sums[f"fp_{k}"], sums[f"fn_{k}"]
+        if tp + fp + fn > 0:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / len(f1s) if f1s else 0.0
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ LAYERS = [
     ("errors", "config", "registry"),
     ("distributed", "resume"),
     ("mesh",),
-    ("models", "tasks", "optim"),
+    ("models", "tasks", "tasks_image", "optim"),
     ("state", "perf"),
     ("hf",),
     ("data",),
