@@ -168,3 +168,11 @@ def test_chunked_step_needs_less_temporary_memory_than_one_logits_array_at_32k_v
 def test_loss_chunk_must_not_be_negative():
     with pytest.raises(ConfigError, match="model.loss_chunk"):
         load_config(None, ["model.loss_chunk=-1"])
+
+
+def test_a_resume_may_change_loss_chunk():
+    """loss_chunk changes the schedule of the loss, not the parameters or their meaning."""
+    from bigjax.checkpoint import model_config_diff
+    from bigjax.config import to_dict
+    saved = to_dict(tiny_config("model.loss_chunk=0"))["model"]
+    assert model_config_diff(saved, to_dict(tiny_config("model.loss_chunk=6"))["model"]) == []
