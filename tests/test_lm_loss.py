@@ -153,7 +153,7 @@ def _step_temp_bytes(cfg) -> int:
 def test_chunked_step_needs_less_temporary_memory_than_one_logits_array_at_32k_vocab():
     """Batch 8 x 256 at a 32,768 vocabulary: one B x T x V float32 logits array is 256 MiB. The
     full-logits train step's temporaries exceed it (measured 554 MiB); in chunks of 16 positions
-    they stay below half of it, 128 MiB (measured 90 MiB: about three 16 MiB chunk buffers and
+    they stay below half of it, 128 MiB (measured 74 MiB: two 16 MiB chunk buffers and
     the rest of a d_model-64 step). Abstract inputs: compiled, never allocated."""
     sizes = ["model.vocab_size=32768", "model.d_model=64", "model.n_heads=4", "model.d_ff=256",
              "model.n_layers=2", "model.max_seq_len=256", "train.seq_len=256",

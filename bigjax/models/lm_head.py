@@ -65,13 +65,14 @@ def chunked_token_stats(h_BTD: jax.Array, head: OutputHead, targets_BT: jax.Arra
     dtype, vocab_axis, axes = jnp.dtype(head.dtype), head.vocab_axis, head.axes
     # gathered once, in the compute dtype, outside the loop: vocab stays split, d_model whole
     gathered = tuple(a if i == vocab_axis else None for i, a in enumerate(axes))
+    axes_DV = axes if vocab_axis == 1 else axes[::-1]
 
     def run(h, weight, targets, weights, grads: bool):
         w = constrain(weight.astype(dtype), gathered)
         h = h.astype(dtype)
 
         def body(i, carry):
-            loss, correct, dW, dh, loss_BT, correct_BT = carry
+            loss, correct, dW_DV, dh, loss_BT, correct_BT = carry
             start = jnp.minimum(i * c, T - c)
             take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, c, axis=1)
             h_c, t_c = take(h), take(targets)
@@ -93,19 +94,20 @@ def chunked_token_stats(h_BTD: jax.Array, head: OutputHead, targets_BT: jax.Arra
                                            preferred_element_type=jnp.float32)
                 dh = jax.lax.dynamic_update_slice_in_dim(
                     dh, take(dh) + dh_c.astype(dh.dtype), start, axis=1)
-                pair = (dl, h_c) if vocab_axis == 0 else (h_c, dl)
-                dW = constrain(dW + jax.lax.dot_general(
-                    *pair, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32),
-                    axes)
+                # D x V whatever the weight's layout: dl is the matmul's right operand as it
+                # lies (a V x D product would transpose a copy of dl, or compute dl twice)
+                dW_DV = constrain(dW_DV + jax.lax.dot_general(
+                    h_c, dl, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32),
+                    axes_DV)
                 # per-token loss and hit: the cotangent of the weights
                 keep = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
                     buf, jnp.where(new, x, take(buf)), start, axis=1)
                 loss_BT, correct_BT = keep(loss_BT, tok_loss), keep(correct_BT, tok_correct)
-            return loss, correct, dW, dh, loss_BT, correct_BT
+            return loss, correct, dW_DV, dh, loss_BT, correct_BT
 
         zero = jnp.zeros((), jnp.float32)
         if grads:
-            bufs = (constrain(jnp.zeros(weight.shape, jnp.float32), axes),
+            bufs = (constrain(jnp.zeros((D, weight.shape[vocab_axis]), jnp.float32), axes_DV),
                     constrain(jnp.zeros((B, T, D), h.dtype), HIDDEN),
                     jnp.zeros((B, T), jnp.float32), jnp.zeros((B, T), jnp.float32))
         else:
@@ -117,7 +119,8 @@ def chunked_token_stats(h_BTD: jax.Array, head: OutputHead, targets_BT: jax.Arra
         return run(h, weight, targets, weights, grads=False)[:2]
 
     def sums_fwd(h, weight, targets, weights):
-        loss, correct, dW, dh, loss_BT, correct_BT = run(h, weight, targets, weights, grads=True)
+        loss, correct, dW_DV, dh, loss_BT, correct_BT = run(h, weight, targets, weights, grads=True)
+        dW = dW_DV if vocab_axis == 1 else constrain(dW_DV.T, axes)
         return (loss, correct), (dW, dh.astype(h.dtype), loss_BT, correct_BT)
 
     def sums_bwd(res, g):
