@@ -71,7 +71,8 @@ def test_chunked_loss_accuracy_and_gradients_equal_the_full_logits(head, T, chun
     assert float(got["correct"]) == float(full["correct"])
     assert float(got["weight"]) == float(full["weight"])
     np.testing.assert_allclose(float(got["loss_sum"]), float(full["loss_sum"]), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(nnx.to_pure_dict(g)), jax.tree.leaves(nnx.to_pure_dict(g_full))):
+    leaves = lambda tree: jax.tree.leaves(nnx.to_pure_dict(tree))
+    for a, b in zip(leaves(g), leaves(g_full)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
     # the weights' cotangent (each position's loss) too, overlapped positions included
     np.testing.assert_allclose(np.asarray(gw), np.asarray(gw_full), rtol=0, atol=1e-5)
@@ -108,7 +109,8 @@ def test_bfloat16_logits_come_from_the_matmul_in_float32(chunk):
     for e in to_vocab:
         assert [v.aval.dtype for v in e.invars] == [jnp.bfloat16] * 2
         assert e.outvars[0].aval.dtype == jnp.float32
-    largest = max(v.aval.size for e in equations(jaxpr) for v in e.outvars if hasattr(v.aval, "size"))
+    largest = max(v.aval.size for e in equations(jaxpr) for v in e.outvars
+                  if hasattr(v.aval, "size"))
     assert largest == B * T * V if not chunk else largest < B * T * V
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from bigjax.models.axes import Axes, constrain
 
 Stats = dict[str, jax.Array]
-LOGITS = ("batch", "length", "vocab")  # a chunk's logits: rows split like the batch, vocab like the head
+LOGITS = ("batch", "length", "vocab")  # a chunk's logits: rows as the batch, vocab as the head
 HIDDEN = ("batch", "length", "act_embed")
 
 
