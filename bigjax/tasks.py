@@ -19,6 +19,7 @@ from flax import nnx
 from bigjax import registry
 from bigjax.config import Config, TaskConfig, derived
 from bigjax.errors import ConfigError
+from bigjax.models.lm_head import chunked_token_stats
 
 Batch = dict[str, jax.Array]
 Stats = dict[str, jax.Array]
@@ -51,14 +52,22 @@ def finalize_token_stats(sums: dict[str, float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class CausalLM:
-    """Next-token prediction; batch: inputs, targets, weights, optional segment_ids, positions."""
+    """Next-token prediction; batch: inputs, targets, weights, optional segment_ids, positions.
+
+    A model that offers `hidden(inputs, ...)` (the final hidden states) and `output_head()` (a
+    `bigjax.models.lm_head.OutputHead` with a `loss_chunk`) gets its loss computed in chunks of
+    positions, without B×T×V logits; any other model is called for its logits.
+    """
 
     name: str = "causal_lm"
 
     def stats(self, model, batch, rngs):
-        logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"),
-                       positions=batch.get("positions"), rngs=rngs)
-        return token_stats(logits, batch["targets"], batch["weights"])
+        kw = dict(segment_ids=batch.get("segment_ids"), positions=batch.get("positions"), rngs=rngs)
+        head = model.output_head() if hasattr(model, "output_head") else None
+        if head is not None and head.loss_chunk > 0:
+            h = model.hidden(batch["inputs"], **kw)
+            return chunked_token_stats(h, head, batch["targets"], batch["weights"])
+        return token_stats(model(batch["inputs"], **kw), batch["targets"], batch["weights"])
 
     def finalize(self, sums):
         return finalize_token_stats(sums)
