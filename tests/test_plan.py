@@ -73,22 +73,29 @@ def test_smallest_mesh_grows_with_the_model():
     assert big.smallest_mesh["total_bytes"] <= 0.9 * 16 * 2 ** 30
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--device-type", "h900"], "unknown device type 'h900'; one of h100, h200, a100, b200, "
-                                "v4, v5e, v5p, v6e, cpu"),
-    (["--devices", "6", "mesh.fsdp=4"], "mesh: fsdp*tensor*dcn_data = 4 does not divide the 6 "
-                                        "devices"),
-    (["model.vocab_size=0"], "model.vocab_size is 0 (a run takes it from the tokenizer); set "
-                             "model.vocab_size=N"),
-    (["--tokens", "lots"], "--tokens 'lots' is not a number of tokens"),
-])
-@pytest.mark.parametrize("command", ["plan", "bench"])
-def test_bad_input_is_one_line_exit_2(capsys, command, args, message):
-    if command == "bench" and any(a.startswith("--") for a in args):
-        pytest.skip("plan's options")
-    rc = run([command, "configs/gpt_tiny.yaml", "model.vocab_size=4096", "--devices", "8",
-              "--device-type", "h100", *args] if command == "plan" else
-             [command, "configs/gpt_tiny.yaml", "model.vocab_size=4096", *args])
+PLAN = ["plan", "configs/gpt_tiny.yaml", "model.vocab_size=4096", "--devices", "8",
+        "--device-type", "h100"]
+BENCH = ["bench", "configs/gpt_tiny.yaml", "model.vocab_size=4096"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (PLAN + ["--device-type", "h900"], "unknown device type 'h900'; one of h100, h200, a100, b200, "
+                                       "v4, v5e, v5p, v6e, cpu"),
+    (PLAN + ["--devices", "6", "mesh.fsdp=4"], "mesh: fsdp*tensor*dcn_data = 4 does not divide "
+                                               "the 6 devices"),
+    (PLAN + ["mesh.data=1", "mesh.tensor=8"], "parameter 'layer_0/attn/key/kernel' dimension 4 is "
+                                              "not divisible by mesh axes ('tensor',) of size 8"),
+    (PLAN + ["model.vocab_size=0"], "model.vocab_size is 0 (a run takes it from the tokenizer); "
+                                    "set model.vocab_size=N"),
+    (PLAN + ["--tokens", "lots"], "--tokens 'lots' is not a number of tokens"),
+    (BENCH + ["mesh.fsdp=3"], "mesh: fsdp*tensor*dcn_data = 3 does not divide the 8 devices"),
+    (BENCH + ["model.vocab_size=0"], "model.vocab_size is 0 (a run takes it from the tokenizer)"),
+    (["bench", "configs/bert_mini_sentiment.yaml", "model.vocab_size=512"],
+     "task.num_labels is 0 (a run counts the labels in the data); set task.num_labels=N"),
+], ids=["device-type", "mesh", "dimension", "vocab", "tokens", "bench-mesh", "bench-vocab",
+        "bench-labels"])
+def test_bad_input_is_one_line_exit_2(capsys, argv, message):
+    rc = run(argv)
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("bigjax: error: " + message), err
