@@ -19,7 +19,7 @@ from bigjax.build import build
 from bigjax.config import Config
 from bigjax.errors import ConfigError
 from bigjax.mesh import make_mesh
-from bigjax.plan import _count, _gb, check_sizes, compiled_memory, random_batch
+from bigjax.plan import check_sizes, compiled_memory, fmt_bytes, fmt_count, random_batch
 
 
 @dataclass
@@ -117,19 +117,20 @@ def format_bench(r: BenchResult) -> str:
     c = mem["compiled"]
     mesh = " ".join(f"{k}={v}" for k, v in r.mesh.items())
     lines = [
-        f"model: {r.model}, {_count(r.params)} parameters, {r.dtype}; batch {r.batch_size} x "
+        f"model: {r.model}, {fmt_count(r.params)} parameters, {r.dtype}; batch {r.batch_size} x "
         f"{r.seq_len} tokens on {r.devices} x {r.device_type} (mesh {mesh})",
         f"compile: {r.compile_s:.2f} s",
         f"step time over {r.steps} steps: median {r.step_time_s * 1e3:.1f} ms (min "
         f"{r.step_time_min_s * 1e3:.1f}, max {r.step_time_max_s * 1e3:.1f})",
         f"tokens/s: {r.tokens_per_s:,.0f} ({r.tokens_per_s_per_device:,.0f} per device)",
         f"achieved: {r.tflops_per_s:.4g} TFLOP/s ({r.tflops_per_s_per_device:.4g} per device, "
-        f"{_count(r.flops_per_token)} FLOPs per token)",
+        f"{fmt_count(r.flops_per_token)} FLOPs per token)",
         (f"MFU: {r.mfu:.3f} of {r.peak_tflops_per_s:.4g} TFLOP/s ({r.peak_source})"
          if r.mfu is not None else f"MFU: unknown ({r.peak_source})"),
-        f"memory per device (compiled): argument {_gb(c['argument'])}, temp {_gb(c['temp'])}, "
-        f"total {_gb(c['total'])}",
+        f"memory per device (compiled): argument {fmt_bytes(c['argument'])}, temp "
+        f"{fmt_bytes(c['temp'])}, total {fmt_bytes(c['total'])}",
     ]
     if "live" in mem and "peak_bytes_in_use" in mem["live"]:
-        lines.append(f"memory per device (allocator peak): {_gb(mem['live']['peak_bytes_in_use'])}")
+        peak_in_use = mem["live"]["peak_bytes_in_use"]
+        lines.append(f"memory per device (allocator peak): {fmt_bytes(peak_in_use)}")
     return "\n".join(lines)

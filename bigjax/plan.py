@@ -352,14 +352,14 @@ def compile_memory_here(cfg: Config, devices: int) -> dict[str, float]:
     return compiled_memory(parts.train_step.lower(state, batch).compile(memory_aware_options()))
 
 
-def _gb(x: float) -> str:
+def fmt_bytes(x: float) -> str:
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.2f} {unit}"
     return f"{x:.0f} B"
 
 
-def _count(x: float) -> str:
+def fmt_count(x: float) -> str:
     for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= scale:
             return f"{x / scale:.2f}{unit}"
@@ -377,21 +377,21 @@ def format_plan(p: Plan) -> str:
     mem = p.memory_bytes_per_device
     mesh = " ".join(f"{k}={v}" for k, v in p.mesh.items())
     lines = [
-        f"model: {p.model}, {_count(p.params)} parameters ({_count(p.params_embedding)} embedding, "
-        f"{_count(p.params_non_embedding)} non-embedding)",
-        f"training FLOPs: {_count(p.flops_per_token)} per token, {p.total_flops:.3g} for "
-        f"{_count(p.tokens)} tokens",
-        f"mesh: {mesh} on {p.devices} x {p.device_type} ({_gb(p.device_memory_bytes)} each); "
+        f"model: {p.model}, {fmt_count(p.params)} parameters ({fmt_count(p.params_embedding)} "
+        f"embedding, {fmt_count(p.params_non_embedding)} non-embedding)",
+        f"training FLOPs: {fmt_count(p.flops_per_token)} per token, {p.total_flops:.3g} for "
+        f"{fmt_count(p.tokens)} tokens",
+        f"mesh: {mesh} on {p.devices} x {p.device_type} ({fmt_bytes(p.device_memory_bytes)} each); "
         f"dtype {p.dtype}, remat {p.remat}, scan_layers {str(p.scan_layers).lower()}, "
         f"{p.micro_batch_per_device:g} examples per device per micro-batch",
-        "memory per device: " + ", ".join(f"{k} {_gb(mem[k])}" for k in
+        "memory per device: " + ", ".join(f"{k} {fmt_bytes(mem[k])}" for k in
                                           ("params", "grads", "opt_state", "activations"))
-        + f"; total {_gb(mem['total'])}"
+        + f"; total {fmt_bytes(mem['total'])}"
         + ("" if p.activations_modelled else " (activations not modelled for this family)")
         + (f" (x {p.devices} simulated devices on one host)" if p.device_type == "cpu" else "")
         + (": fits" if p.fits else f": does NOT fit in {FIT_FRACTION:.0%} of "
-           f"{_gb(p.device_memory_bytes)}"),
-        f"time for {_count(p.tokens)} tokens: {_duration(p.time_s)} at MFU {p.mfu:g} of "
+           f"{fmt_bytes(p.device_memory_bytes)}"),
+        f"time for {fmt_count(p.tokens)} tokens: {_duration(p.time_s)} at MFU {p.mfu:g} of "
         f"{p.peak_flops_per_device / 1e12:.3g} TFLOP/s {p.dtype} per device",
     ]
     if p.smallest_mesh is None:
@@ -399,9 +399,11 @@ def format_plan(p: Plan) -> str:
     else:
         s = p.smallest_mesh
         lines.append(f"smallest mesh that fits: {s['devices']} device(s), data={s['data']} "
-                     f"fsdp={s['fsdp']} tensor={s['tensor']} ({_gb(s['total_bytes'])} per device)")
+                     f"fsdp={s['fsdp']} tensor={s['tensor']} ({fmt_bytes(s['total_bytes'])} "
+                     "per device)")
     if p.compiled:
         c = p.compiled
-        lines.append(f"compiled here (XLA memory analysis): argument {_gb(c['argument'])}, temp "
-                     f"{_gb(c['temp'])}; total {_gb(c['total'])}")
+        lines.append(f"compiled here (XLA memory analysis): argument "
+                     f"{fmt_bytes(c['argument'])}, temp {fmt_bytes(c['temp'])}; total "
+                     f"{fmt_bytes(c['total'])}")
     return "\n".join(lines)

@@ -280,7 +280,8 @@ class Trainer:
                     preempted = step < t.steps
                     break
             if pending is not None:
-                self._log(report, pending, t_last, step_last, tokens_per_step, flops_tok, peak_total)
+                self._log(report, pending, t_last, step_last, tokens_per_step, flops_tok,
+                          peak_total)
             if not preempted:
                 last = self._evaluate_and_log(report, step, every_metric=True)
             self._watchdog.stop()  # a final save may take long on slow storage

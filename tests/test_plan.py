@@ -10,7 +10,7 @@ import pytest
 
 from bigjax.cli import run
 from bigjax.config import load_config
-from bigjax.plan import compile_memory_here, make_plan
+from bigjax.plan import make_plan
 
 # activations are a large share of the memory here (36-60% of the compiled total), so the
 # activation model is what the comparison tests; seq_len 64 keeps CPU attention unchunked
