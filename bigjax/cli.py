@@ -245,8 +245,10 @@ def _bench(args) -> int:
     import json
 
     from bigjax.bench import format_bench, run_bench
+    import jax
     result = run_bench(_config_for_sizes(args), args.steps)
-    print(json.dumps(result.to_dict()) if args.json else format_bench(result), flush=True)
+    if jax.process_index() == 0:  # on a cluster every process runs the steps, one prints
+        print(json.dumps(result.to_dict()) if args.json else format_bench(result), flush=True)
     return 0
 
 
