@@ -5,12 +5,12 @@ this machine's device count.
 Memory per device, in bytes:
 - params, opt_state: each array of the abstract train state, divided by the mesh axes its sharding
   splits it over (the shardings the run would use, on an abstract mesh of N devices);
-- grads: float32 like the parameters and sharded like them, one buffer for the gradient, one for
-  the running sum with `train.grad_accum` > 1, one for the clipped copy with
-  `optimizer.clip_norm` > 0;
-- activations: a per-layer model of what the backward pass keeps (`activation_bytes`), plus
-  under FSDP without remat the weights gathered for the forward pass, which XLA keeps for the
-  backward pass.
+- grads: float32 like the parameters and sharded like them: the gradient, the running sum with
+  `train.grad_accum` > 1, and the scan's stacked gradient with `model.scan_layers`;
+- activations: a per-layer model of what the backward pass keeps (`activation_bytes`), plus under
+  FSDP the weights gathered whole for the forward pass (all layers' kept for the backward pass
+  without remat, one layer's with it) and the whole gradients before their reduce-scatter (one
+  layer's; on CPU all layers' at once unless scanned).
 The total is their sum: what `compiled.memory_analysis()` reports as argument + temp bytes for the
 train step (the state is donated, so outputs reuse the arguments' buffers). tests/test_plan.py
 holds it to within 20% of that on simulated CPU devices.
@@ -117,14 +117,17 @@ def activation_bytes(cfg: Config, mesh_shape: dict[str, int]) -> float | None:
     GELU and ReLU 2 F). `model.remat=full` keeps each layer's input only (D); `dots` also the
     outputs of the weight matmuls; both add one layer's full set, recomputed in the backward pass.
     The output layer adds the logits in float32 (their gradient takes their place) at the
-    positions a head reads. Heads, MLP and vocabulary are split over the tensor axis, the residual
-    stream is not. The coefficients were fitted to XLA's buffer assignment (tests/test_plan.py).
+    positions a head reads. Heads, MLP and vocabulary are split over the tensor axis (though XLA
+    keeps about half of them whole), the residual stream is not. The coefficients were fitted to
+    XLA's buffer assignment (tests/test_plan.py).
     """
     m = cfg.model
     needed = ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size")
     if not all(hasattr(m, k) for k in needed):
         return None
-    t = mesh_shape["tensor"]
+    # split over the tensor axis, XLA keeps about half of these activations whole (measured at
+    # tensor=2: 1.5x the evenly split bytes for the MLP's and the logits' terms)
+    t = 2 / (1 + 1 / mesh_shape["tensor"])
     s = 2 if getattr(m, "dtype", "float32") == "bfloat16" else 4
     D, F, L, N, V, T = m.d_model, m.d_ff, m.n_layers, m.n_heads, m.vocab_size, cfg.train.seq_len
     H = getattr(m, "head_dim", 0) or D // N
@@ -167,6 +170,7 @@ class Planner:
     """The parts of a plan that do not depend on the mesh, computed once."""
 
     cfg: Config
+    device_type: str = ""  # "cpu": XLA:CPU's combining of reduce-scatters (see memory)
     n_params: int = 0
     n_embedding: int = 0
     spec: Any = None
@@ -194,15 +198,27 @@ class Planner:
                              abstract_mesh(tuple(mesh_shape[a] for a in MESH_AXES)))
         abstract, sh, params = self._params_bytes(mesh_shape)
         opt = bytes_per_device(abstract.opt_state, sh.opt_state) + 4  # + the step counter
-        # gradient buffers: the gradient, the accumulator of micro-batches, the clipped copy
-        copies = 1 + (cfg.train.grad_accum > 1) + (cfg.optimizer.clip_norm > 0)
+        remat = getattr(cfg.model, "remat", "none")
+        scan = bool(getattr(cfg.model, "scan_layers", False))
+        # gradient buffers: the gradient, the running sum of micro-batches, and with scanned
+        # layers the stacked gradient that the scan's backward loop fills beside the final one
+        copies = 1 + (cfg.train.grad_accum > 1) + scan
         act = activation_bytes(cfg, mesh_shape)
         act = 0.0 if act is None else act
-        if mesh_shape["fsdp"] > 1 and getattr(cfg.model, "remat", "none") == "none":
-            # FSDP gathers each weight for its matmuls; without remat XLA keeps the gathered
-            # copies of the forward pass for the backward pass (remat gathers them again)
+        if mesh_shape["fsdp"] > 1:
+            # FSDP gathers each weight whole (over fsdp) for its matmuls and computes its gradient
+            # whole before reduce-scattering it. XLA keeps the gathered weights of the forward
+            # pass for the backward pass, or with remat gathers one layer's again. GPU and TPU
+            # combine reduce-scatters only up to a threshold (tens of MB): about one layer's whole
+            # gradients are live; XLA:CPU combines them all, unless the layers are scanned.
             gathered = dict(mesh_shape, data=mesh_shape["data"] * mesh_shape["fsdp"], fsdp=1)
-            act += self._params_bytes(gathered)[2] - params
+            whole = self._params_bytes(gathered)[2] - params
+            n_layers = max(getattr(cfg.model, "n_layers", 1), 1)
+            act += whole if remat == "none" else whole / n_layers
+            if self.device_type == "cpu":
+                act += 0 if scan else whole
+            else:
+                act += whole / n_layers
         model_state = bytes_per_device(abstract.model_state, sh.model_state)
         return Memory(params + model_state, params * copies, opt, act)
 
@@ -290,7 +306,7 @@ def make_plan(cfg: Config, devices: int, device_type: str, tokens: float | None 
     dtype = getattr(cfg.model, "dtype", "float32")
     dev = perf.device_type(device_type, dtype)
     shape = mesh_for(cfg, devices)
-    planner = Planner(cfg)
+    planner = Planner(cfg, device_type)
     mem = planner.memory(shape)
     shared = device_type == "cpu"  # simulated devices share the host's memory
     capacity = dev.memory_bytes * FIT_FRACTION

@@ -12,29 +12,34 @@ from bigjax.cli import run
 from bigjax.config import load_config
 from bigjax.plan import make_plan
 
-# activations are a large share of the memory here (36-60% of the compiled total), so the
+# activations are a large share of the memory here (25-70% of the planned total), so the
 # activation model is what the comparison tests; seq_len 64 keeps CPU attention unchunked
 BASE = ["model.vocab_size=2048", "model.d_model=256", "model.n_heads=4", "model.d_ff=1024",
         "model.n_layers=4", "train.seq_len=64", "model.max_seq_len=64", "train.batch_size=32"]
 
 
-@pytest.mark.parametrize("overrides", [
-    ["mesh.data=8"],
-    ["mesh.data=1", "mesh.fsdp=8"],
-    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"],
-    ["mesh.data=4", "mesh.tensor=2"],
-    ["model.remat=full"],
-    ["model.remat=full", "model.scan_layers=true", "mesh.data=2", "mesh.fsdp=4"],
-    ["model.scan_layers=true"],
-    ["model.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=4"],
-    ["train.grad_accum=2", "optimizer.clip_norm=0"],
-], ids=lambda o: " ".join(o))
-def test_planned_memory_is_within_20_percent_of_the_compiled_step(overrides):
-    # The plan's total (params + grads + optimizer state + activations) against XLA's argument +
+@pytest.mark.parametrize("config, overrides", [
+    ("gpt_tiny", ["mesh.data=8"]),  # plan / compiled: 0.975
+    ("gpt_tiny", ["mesh.data=1", "mesh.fsdp=8"]),  # 1.087
+    ("gpt_tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),  # 0.975
+    ("gpt_tiny", ["model.remat=full", "model.scan_layers=true"]),  # 1.076
+    ("gpt_tiny", ["model.remat=full", "model.scan_layers=true", "mesh.data=2",
+                  "mesh.fsdp=4"]),  # 1.124
+    ("gpt_tiny", ["model.scan_layers=true"]),  # 0.976
+    ("gpt_tiny", ["model.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=4"]),  # 1.080
+    ("gpt_tiny", ["train.grad_accum=2", "optimizer.clip_norm=0"]),  # 0.913
+    ("bert_mini_mlm", ["mesh.data=2", "mesh.fsdp=4"]),  # 1.022
+    ("bert_mini_sentiment", ["task.num_labels=3"]),  # 1.047
+], ids=lambda x: x if isinstance(x, str) else " ".join(x))
+def test_planned_memory_is_within_20_percent_of_the_compiled_step(config, overrides):
+    # The plan for device type cpu (XLA:CPU combines all reduce-scatters of FSDP gradients) and
+    # its total (params + grads + optimizer state + activations) against XLA's argument +
     # temp bytes per device (the state is donated: outputs reuse the arguments' buffers), compiled
-    # under the memory-aware schedule that GPU and TPU use (plan.memory_aware_options).
-    cfg = load_config("configs/gpt_tiny.yaml", BASE + overrides)
-    plan = make_plan(cfg, 8, "h100", compile=True)
+    # under the memory-aware schedule that GPU and TPU use (plan.memory_aware_options). Outside
+    # this list, XLA:CPU keeps more than the plan for unrolled remat=full (0.85: it holds several
+    # recomputed layers at once) and less for remat=dots (1.19: about what full keeps).
+    cfg = load_config(f"configs/{config}.yaml", BASE + overrides)
+    plan = make_plan(cfg, 8, "cpu", compile=True)
     got = plan.memory_bytes_per_device["total"]
     compiled = plan.compiled["argument"] + plan.compiled["temp"]
     assert 0.8 * compiled <= got <= 1.2 * compiled, (got / compiled, plan.memory_bytes_per_device,
