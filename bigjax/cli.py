@@ -244,16 +244,18 @@ def _plan(args) -> int:
 def _bench(args) -> int:
     import json
 
-    from bigjax.bench import format_bench, run_bench
     import jax
+
+    from bigjax.bench import format_bench, run_bench
     result = run_bench(_config_for_sizes(args), args.steps)
     if jax.process_index() == 0:  # on a cluster every process runs the steps, one prints
         print(json.dumps(result.to_dict()) if args.json else format_bench(result), flush=True)
     return 0
 
 
-COMMANDS = {"plan": _plan, "bench": _bench, "data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints, "eval": _eval, "predict": _predict,
-            "convert": _convert}
+COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints,
+            "eval": _eval, "predict": _predict, "convert": _convert, "plan": _plan,
+            "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> None:
