@@ -20,6 +20,7 @@ LAYERS = [
     ("data",),
     ("step", "predict"),
     ("resolve", "build"),
+    ("plan", "bench"),
     ("checkpoint", "init_from", "report"),
     ("trainer", "hf.convert"),
     ("cli", "__init__"),
