@@ -29,7 +29,7 @@ from bigjax.models.axes import constraints
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
-def batch(seed, *, B=4, T=16, N=4, K=4, H=8, causal=False, segments=False, padding=False,
+def batch(seed, *, B=4, T=80, N=4, K=4, H=8, causal=False, segments=False, padding=False,
           gathered=0):
     """q, k, v and a mask: segment ids of 1-4 packed documents per row, trailing padding of
     0..T-1 keys per row (some rows keep nothing: their queries have no key), queries gathered at
@@ -78,10 +78,19 @@ def splash_on_cpu(monkeypatch):
     monkeypatch.setattr(attention, "_SPLASH_INTERPRET", True)
 
 
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """chunked's flash-style path at small sizes: blocks of 64 queries x 64 keys (4 heads), so
+    T=80 takes two of each, the second padded; without it short rows take the plain computation
+    in chunks of rows (test_chunked_blocks_change_nothing covers that)."""
+    monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", 64 * 64 * 4 * 4)
+    assert attention._block_sizes(4, 80, 80, 4, "cpu") == (1, 64, 64)
+
+
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("impl", ["chunked", "splash"])
 @pytest.mark.parametrize("rate", [0.0, 0.3], ids=["no_dropout", "dropout"])
-def test_every_cpu_implementation_equals_xla(splash_on_cpu, impl, case, rate):
+def test_every_cpu_implementation_equals_xla(splash_on_cpu, small_blocks, impl, case, rate):
     if impl == "splash" and (rate or CASES[case].get("causal") and CASES[case].get("gathered")):
         pytest.skip("splash has no attention dropout, nor a causal mask for gathered queries")
     q, k, v, mask = batch(0, **CASES[case])
@@ -93,8 +102,8 @@ def test_every_cpu_implementation_equals_xla(splash_on_cpu, impl, case, rate):
 
 @pytest.mark.parametrize("T", [256, 200])  # 200: queries and keys padded up to whole blocks
 def test_chunked_blocks_change_nothing(monkeypatch, T):
-    """Many blocks of queries and keys (causal ones above the diagonal skipped, batch rows in
-    chunks) give the one-block result, dropout included: its masks hash global indices."""
+    """Many blocks of queries and keys (causal ones above the diagonal skipped), or whole rows
+    in chunks of two, give xla's result, dropout included: its masks hash global indices."""
     q, k, v, mask = batch(1, B=4, T=T, N=4, K=2, H=16, causal=True, segments=True, padding=True)
     want = outputs_and_grads("xla", q, k, v, mask, 0.2)
     monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", 64 * 64 * 4 * 4)
@@ -122,11 +131,12 @@ def test_cudnn_arguments_give_xla_results(monkeypatch):
         assert_same(jax.jit(lambda: f("cudnn"))(), jax.jit(lambda: f("xla"))())
 
 
-@pytest.mark.parametrize("impl,rate", [("chunked", 0.2), ("splash", 0.0)])
-def test_sharded_over_batch_and_heads_equals_one_device(splash_on_cpu, impl, rate):
+@pytest.mark.parametrize("impl,rate,T", [("chunked", 0.2, 80), ("chunked", 0.2, 16),
+                                         ("splash", 0.0, 80)])
+def test_sharded_over_batch_and_heads_equals_one_device(splash_on_cpu, small_blocks, impl, rate, T):
     """On a data x fsdp x tensor mesh the kernels run per device (shard_map over batch rows and
-    heads) and give the unsharded result, dropout masks included."""
-    q, k, v, mask = batch(3, B=8, N=4, K=2, causal=True, segments=True, padding=True)
+    heads) and give the unsharded result, dropout masks included (T=16: whole rows)."""
+    q, k, v, mask = batch(3, B=8, T=T, N=4, K=2, causal=True, segments=True, padding=True)
     want = outputs_and_grads("xla", q, k, v, mask, rate)
     mesh = mesh_lib.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     rules = load_config(None, []).sharding.rules
@@ -148,7 +158,7 @@ def test_dropout_keep_mask_statistics():
     and keys, and differently for another key."""
     seeds = jax.random.bits(jax.random.key(0), (2,), jnp.uint32)
     ar = lambda n: jnp.arange(n, dtype=jnp.int32)
-    keep = np.asarray(attention._keep(seeds, ar(4), ar(8).reshape(4, 2), ar(64)[None], ar(64), 8,
+    keep = np.asarray(attention._keep(seeds, ar(4), ar(8), ar(64)[None], ar(64), 8,
                                       0.1))  # 4 rows x 8 heads x 64 x 64
     assert abs(keep.mean() - 0.9) < 0.005
     flat = keep.reshape(32, -1).astype(np.float32)
@@ -157,18 +167,19 @@ def test_dropout_keep_mask_statistics():
     along = np.corrcoef(keep[..., :-1].ravel(), keep[..., 1:].ravel())[0, 1]  # adjacent keys
     assert abs(along) < 0.02
     other = attention._keep(jax.random.bits(jax.random.key(1), (2,), jnp.uint32), ar(4),
-                            ar(8).reshape(4, 2), ar(64)[None], ar(64), 8, 0.1)
+                            ar(8), ar(64)[None], ar(64), 8, 0.1)
     assert (np.asarray(other) != keep).mean() > 0.15
 
 
 # ---- through the models -----------------------------------------------------------------------
 
+T_MODEL = 80  # two blocks of 64 under small_blocks
 GPT = ["model.vocab_size=64", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
-       "model.d_ff=64", "model.n_layers=2", "model.max_seq_len=16", "train.seq_len=16",
-       "model.positions=rotary", "model.dropout=0.1"]
+       "model.d_ff=64", "model.n_layers=2", f"model.max_seq_len={T_MODEL}",
+       f"train.seq_len={T_MODEL}", "model.positions=rotary", "model.dropout=0.1"]
 BERT = ["model.name=bert", "task.name=masked_lm", "model.vocab_size=64", "model.d_model=32",
-        "model.n_heads=4", "model.d_ff=64", "model.n_layers=2", "model.max_seq_len=16",
-        "train.seq_len=16", "model.dropout=0.1"]
+        "model.n_heads=4", "model.d_ff=64", "model.n_layers=2", f"model.max_seq_len={T_MODEL}",
+        f"train.seq_len={T_MODEL}", "model.dropout=0.1"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -176,12 +187,13 @@ def model_loss_and_grads(overrides: tuple, impl: str):
     cfg = load_config(None, list(overrides) + [f"model.attention={impl}"])
     graphdef, params = nnx.split(create_model(cfg, nnx.Rngs(params=0)), nnx.Param)
     rng = np.random.default_rng(4)
-    ids = jnp.asarray(rng.integers(1, 64, (4, 16)), jnp.int32)
+    T = T_MODEL
+    ids = jnp.asarray(rng.integers(1, 64, (4, T)), jnp.int32)
     if cfg.model.name == "gpt":
-        kw = {"segment_ids": jnp.asarray(np.sort(rng.integers(0, 3, (4, 16)), 1), jnp.int32)}
+        kw = {"segment_ids": jnp.asarray(np.sort(rng.integers(0, 3, (4, T)), 1), jnp.int32)}
     else:
-        kw = {"attention_mask": jnp.asarray(np.arange(16)[None] < np.array([[16], [9], [12], [4]])),
-              "masked_positions": jnp.asarray(rng.integers(0, 4, (4, 3)), jnp.int32)}
+        kw = {"attention_mask": jnp.asarray(np.arange(T)[None] < np.array([[T], [9], [70], [4]])),
+              "masked_positions": jnp.asarray(rng.integers(0, 4, (4, 12)), jnp.int32)}
     train = cfg.model.dropout > 0
 
     def loss(params):
@@ -196,7 +208,8 @@ def model_loss_and_grads(overrides: tuple, impl: str):
 @pytest.mark.parametrize("overrides,impl", [
     (GPT, "chunked"), (BERT, "chunked"), (BERT + ["model.dropout=0.0"], "splash"),
 ], ids=["gpt_gqa_packed_dropout-chunked", "bert_masked_lm_dropout-chunked", "bert_masked_lm-splash"])
-def test_models_train_alike_on_every_cpu_implementation(splash_on_cpu, overrides, impl):
+def test_models_train_alike_on_every_cpu_implementation(splash_on_cpu, small_blocks, overrides,
+                                                       impl):
     """GPT (grouped-query heads, packed documents) and BERT (padding, the last layer's queries at
     the masked positions only) through their forward and backward passes."""
     loss, grads = model_loss_and_grads(tuple(overrides), impl)
@@ -276,3 +289,18 @@ def test_resume_and_eval_may_change_the_kernel():
     from bigjax.config import to_dict
     saved = to_dict(load_config(None, ["model.attention=chunked"]))["model"]
     assert model_config_diff(saved, to_dict(load_config(None, []))["model"]) == []
+
+
+def test_a_kernel_this_backend_lacks_is_one_line_through_the_cli(tmp_path, capsys):
+    """Known only once the backend is (after jax.distributed starts): one line and exit 2 when the
+    model is built, before anything is compiled or checkpointed."""
+    run_dir = tmp_path / "run"
+    small = ["data.max_chars=60000", "data.vocab_size=300", "train.steps=2", "train.seq_len=32",
+             "model.max_seq_len=32", "train.batch_size=8", "model.d_model=32", "model.d_ff=64"]
+    rc = run(["train", "configs/gpt_tiny.yaml", f"run.dir={run_dir}", *small,
+              "model.attention=splash"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err == ("bigjax: error: model.attention=splash needs a TPU (Pallas splash attention); "
+                   "this JAX backend is cpu (model.attention=auto picks one that can)"), err
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
