@@ -145,7 +145,8 @@ def profile(run: BigjaxRun, args, reps: int = 3) -> list[tuple[str, float]]:
     model = nnx.merge(run.spec.graphdef, jax.device_get(run.state.params), {}, copy=True)
     ids = jnp.ones((B, T), jnp.int32)
     x = jax.random.normal(jax.random.key(0), (B, T, m.d_model))
-    mask = jnp.ones((B, T, T), bool)
+    from bigjax.models.attention import AttentionMask
+    mask = AttentionMask(valid=jnp.ones((B, T), bool))  # every key real, as in the batches here
     layer = model.layer_0
 
     def timed(fn, *a):

@@ -143,35 +143,6 @@ def test_sharded_encoder_equals_one_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize("n_kv,dropout", [(4, 0.0), (2, 0.0), (4, 0.5)])
-def test_cpu_chunked_attention_equals_one_block(monkeypatch, n_kv, dropout):
-    """The cache-sized chunks (with recomputation in the backward pass) change no value or gradient."""
-    rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.standard_normal((8, 16, 4, 8)), jnp.float32)
-    k, v = (jnp.asarray(rng.standard_normal((8, 16, n_kv, 8)), jnp.float32) for _ in range(2))
-    mask = jnp.asarray(rng.random((8, 16, 16)) > 0.3) | jnp.eye(16, dtype=bool)
-    key = jax.random.key(0)
-
-    def value_and_grads():
-        f = lambda q, k, v: (layers.dot_attention(q, k, v, mask, dropout=dropout, key=key) ** 2).sum()
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
-
-    whole = value_and_grads()
-    monkeypatch.setattr(layers, "_CPU_CHUNK_BYTES", 2 * 4 * 16 * 16 * 4)  # 2 rows per chunk
-    assert layers._chunk_rows(8, 4 * 16 * 16 * 4) == 2
-    chunked = value_and_grads()
-    if dropout:  # masks are drawn per chunk: a different draw, the same statistics
-        assert abs(float(chunked[0]) / float(whole[0]) - 1) < 0.2
-        # the recomputed backward pass must reuse the forward's masks: vjp agrees with jvp
-        f = lambda q: (layers.dot_attention(q, k, v, mask, dropout=dropout, key=key) ** 2).sum()
-        dq = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
-        _, forward_mode = jax.jvp(f, (q,), (dq,))
-        np.testing.assert_allclose(float((chunked[1][0] * dq).sum()), float(forward_mode), rtol=1e-4)
-        return
-    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("shape", [(64, 512), (64, 511)])
 def test_dropout_from_16_bit_draws_is_unbiased(shape):
     x = jnp.ones(shape, jnp.float32)

@@ -70,3 +70,10 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     if to_sharding is None:
         return x
     return jax.lax.with_sharding_constraint(x, to_sharding(names))
+
+
+def sharding_of(names: Sequence[str | None]) -> Any | None:
+    """The sharding `constrain` pins these logical names to, or None when no caller has bound
+    any (attention maps its kernels over the devices with it)."""
+    to_sharding = _RULES.get()
+    return None if to_sharding is None else to_sharding(names)

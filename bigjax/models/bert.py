@@ -14,6 +14,7 @@ from flax import nnx
 from bigjax.config import Config
 from bigjax.errors import ConfigError
 from bigjax.models import layers
+from bigjax.models.attention import AttentionMask
 from bigjax.models.axes import constrain, param
 from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm, TransformerConfig
 from bigjax.registry import register_model
@@ -35,25 +36,25 @@ class BertLayer(nnx.Module):
     def __init__(self, cfg: BertConfig, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
-        attn_drop = cfg.dropout if cfg.attention_dropout < 0 else cfg.attention_dropout
         norm = lambda: Norm(cfg.d_model, "layernorm", cfg.norm_eps, True, dtype, rngs)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, head_dim, use_bias=True,
-                              dropout=attn_drop, rope_theta=None, dtype=dtype, std=cfg.init_std,
-                              out_std=cfg.init_std, rngs=rngs)
+                              dropout=cfg.attention_rate, rope_theta=None, dtype=dtype,
+                              std=cfg.init_std, out_std=cfg.init_std, rngs=rngs,
+                              implementation=cfg.attention)
         self.attn_norm = norm()
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, use_bias=True, dtype=dtype,
                        std=cfg.init_std, out_std=cfg.init_std, rngs=rngs)
         self.mlp_norm = norm()
         self.rate = cfg.dropout
 
-    def __call__(self, x, mask, rngs, positions_BP: jax.Array | None = None):
+    def __call__(self, x, mask: AttentionMask, rngs, positions_BP: jax.Array | None = None):
         """With `positions_BP`, the output at those positions alone (B×P×D); keys and values still
         come from every position, so those outputs equal the full layer's."""
         drop = lambda h: layers.drop(h, self.rate, rngs)
         q = x
         if positions_BP is not None:
-            rows = lambda a: jnp.take_along_axis(a, positions_BP[:, :, None], axis=1)
-            q, mask = rows(x), rows(jnp.broadcast_to(mask, (x.shape[0],) + mask.shape[1:]))
+            q = jnp.take_along_axis(x, positions_BP[:, :, None], axis=1)
+            mask = mask.at(positions_BP)
         h = self.attn_norm(q + drop(self.attn(q, mask, None, rngs, kv_BSD=x)))  # post-norm (BERT)
         return self.mlp_norm(h + drop(self.mlp(h)))
 
@@ -100,7 +101,7 @@ class Bert(nnx.Module):
              + self.type_embed(token_type_ids))
         x = layers.drop(self.embed_norm(x), self.rate, rngs)
         x = constrain(x, ACT)
-        mask = layers.attention_mask(None, attention_mask, causal=False, length=T)
+        mask = AttentionMask(valid=attention_mask)
         last = self.cfg.n_layers - 1
         every = layers.remat_layer(lambda layer, x, rngs: layer(x, mask, rngs), self.cfg.remat)
         for i in range(self.cfg.n_layers):

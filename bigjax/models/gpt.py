@@ -13,10 +13,11 @@ from flax import nnx
 
 from bigjax.config import Config
 from bigjax.errors import ConfigError
-from bigjax.models import layers
+from bigjax.models import attention, layers
+from bigjax.models.attention import AttentionMask
 from bigjax.models.axes import constrain
 from bigjax.models.layers import (MLP, Attention, Dense, Embed, Norm, TransformerConfig,
-                                  attention_mask, remat_layer, remat_policy)
+                                  remat_layer, remat_policy)
 from bigjax.models.lm_head import OutputHead
 from bigjax.registry import register_model
 
@@ -47,6 +48,12 @@ class GPTConfig(TransformerConfig):
         if self.n_heads % kv:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by "
                               f"model.n_kv_heads={kv}")
+        if cfg.task.name == "causal_lm":
+            reason = attention.lacks(self.attention, needs=attention.Needs(causal=True, segments=True))
+            if reason:
+                raise ConfigError(f"model.attention={self.attention} {reason}, which every "
+                                  "causal_lm batch carries (packed documents, or padding as its "
+                                  "own segment); model.attention=auto falls back")
 
     @property
     def learned_positions(self) -> bool:
@@ -61,14 +68,13 @@ class Block(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         head_dim = cfg.head_dim or cfg.d_model // cfg.n_heads
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)  # GPT-2: scale residual writes
-        attn_drop = cfg.dropout if cfg.attention_dropout < 0 else cfg.attention_dropout
         norm = lambda: Norm(cfg.d_model, cfg.norm, cfg.norm_eps, cfg.use_bias, dtype, rngs)
         self.attn_norm = norm()
         self.attn = Attention(
             cfg.d_model, cfg.n_heads, cfg.n_kv_heads or cfg.n_heads, head_dim,
-            use_bias=cfg.use_bias, dropout=attn_drop,
+            use_bias=cfg.use_bias, dropout=cfg.attention_rate,
             rope_theta=cfg.rope_theta if cfg.positions == "rotary" else None,
-            dtype=dtype, std=cfg.init_std, out_std=out_std, rngs=rngs)
+            dtype=dtype, std=cfg.init_std, out_std=out_std, rngs=rngs, implementation=cfg.attention)
         self.mlp_norm = norm()
         self.mlp = MLP(cfg.d_model, cfg.d_ff, cfg.mlp, use_bias=cfg.use_bias, dtype=dtype,
                        std=cfg.init_std, out_std=out_std, rngs=rngs)
@@ -114,7 +120,7 @@ class GPT(nnx.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = constrain(layers.drop(x, self.rate, rngs), ACT)
-        mask = attention_mask(segment_ids, None, causal=True, length=T)
+        mask = AttentionMask(causal=True, segment_ids=segment_ids)
         call = lambda block, x, rngs: block(x, mask, positions, rngs)
         if self.cfg.scan_layers:
             return self.final_norm(_scan_blocks(self.layers, x, call, rngs, self.cfg))

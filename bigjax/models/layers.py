@@ -16,6 +16,8 @@ from flax import nnx
 
 from bigjax.config import Config, ModelConfig, derived, require_positive
 from bigjax.errors import ConfigError
+from bigjax.models import attention
+from bigjax.models.attention import AttentionMask, attend
 from bigjax.models.axes import Axes, param
 
 
@@ -39,6 +41,9 @@ class TransformerConfig(ModelConfig):
     # in the backward pass) | dots (also keep matmul outputs: recompute only elementwise work)
     remat: Literal["none", "full", "dots"] = "none"
     init_std: float = 0.02
+    # attention kernel: auto (the fastest this backend has for each call) | xla (plain) | cudnn
+    # (NVIDIA GPUs, bfloat16) | splash (TPUs) | chunked (flash-style blocks in float32)
+    attention: Literal["auto", "xla", "cudnn", "splash", "chunked"] = "auto"
 
     def check(self, cfg: Config) -> None:
         require_positive({"model.d_model": self.d_model, "model.n_layers": self.n_layers,
@@ -51,6 +56,16 @@ class TransformerConfig(ModelConfig):
         if self.learned_positions and cfg.train.seq_len > self.max_seq_len:
             raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds "
                               f"model.max_seq_len={self.max_seq_len}")
+        # what the config alone tells; the backend is checked when the model is built (after
+        # jax.distributed starts), the batch's masks when a step is traced
+        attention.check(self.attention, needs=attention.Needs(
+            dropout=self.attention_rate > 0, dtype=self.dtype,
+            head_dim=self.head_dim or self.d_model // self.n_heads))
+
+    @property
+    def attention_rate(self) -> float:
+        """Attention dropout (model.attention_dropout, -1 = model.dropout)."""
+        return self.dropout if self.attention_dropout < 0 else self.attention_dropout
 
     @property
     def learned_positions(self) -> bool:
@@ -132,12 +147,12 @@ def drop(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
     return x if rngs is None or rate <= 0 else dropout(x, rate, rngs.dropout())
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str | None = None) -> jax.Array:
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     """Inverted dropout drawn from 16-bit random numbers (rate rounded to 1/65536).
 
     Two draws per 32-bit random word: about half the cost of `jax.random.bernoulli` (one word per
     element), which matters on CPU, where a MiniLM step draws ~100M dropout decisions.
-    `name` tags the keep mask for `jax.checkpoint` policies.
+    (Attention dropout draws its masks from a hash instead: bigjax/models/attention.py.)
     """
     if key is None or rate <= 0:
         return x
@@ -149,9 +164,6 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None, name: str | None =
         words = jax.random.bits(key, shape[:-1] + (shape[-1] // 2,), jnp.uint32)
         bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
     keep = bits >= threshold
-    if name is not None:
-        from jax.ad_checkpoint import checkpoint_name
-        keep = checkpoint_name(keep, name)
     scale = jnp.asarray(65536 / (65536 - threshold), x.dtype)
     return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
@@ -171,72 +183,26 @@ def remat_layer(call, remat: str):
     return call if policy is None else nnx.remat(call, policy=policy)
 
 
-# Logits of one attention chunk (rows of the batch x heads x T x S, float32) kept near this size,
-# so that softmax and its backward pass run in a CPU core's cache instead of main memory.
-_CPU_CHUNK_BYTES = 2 << 20
-
-
-def _attention_rows(q, k, v, bias, key, rate: float, dtype):
-    """softmax(q k^T + bias) v for a block of batch rows; `key` is None without dropout."""
-    B, T, N, H = q.shape
-    K = k.shape[2]
-    q = q * jnp.asarray(H ** -0.5, q.dtype)
-    if K == N:  # plain multi-head: the einsums map onto one batched dot each, no extra transposes
-        logits = jnp.einsum("btnh,bsnh->bnts", q, k).astype(jnp.float32) + bias
-    else:  # grouped-query: heads grouped over their shared kv head
-        q = q.reshape(B, T, K, N // K, H)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)
-        logits = (logits + bias[:, :, None]).reshape(B, N, T, -1)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    if key is not None:  # the mask is saved for the backward pass, not drawn again
-        probs = dropout(probs, rate, key, name="attention_dropout_keep")
-    if K == N:
-        return jnp.einsum("bnts,bsnh->btnh", probs, v)
-    probs = probs.reshape(B, K, N // K, T, -1)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
-
-
-def _chunk_rows(batch: int, per_row_bytes: int) -> int:
-    if jax.default_backend() != "cpu":
-        return batch
-    rows = min(batch, max(1, _CPU_CHUNK_BYTES // per_row_bytes))
-    while batch % rows:
-        rows -= 1
-    return rows
-
-
-def dot_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask_BTS: jax.Array,
-                  *, dropout: float = 0.0, key: jax.Array | None = None) -> jax.Array:
-    """Masked softmax attention. On CPU it runs over chunks of batch rows, each rematerialised in
-    the backward pass: the T x S probabilities never travel through main memory, which makes the
-    attention of a BERT-base-like step several times faster there (bench/finetune_vs_pytorch.py).
-    """
-    B, T, N, _ = q_BTNH.shape
-    S = k_BSKH.shape[1]
-    bias = jnp.where(mask_BTS, 0.0, -1e30).astype(jnp.float32)[:, None]  # B|1, 1, T, S
-    key = key if dropout > 0 else None
-    rows = _chunk_rows(B, N * T * S * 4)
-    fn = lambda q, k, v, b, kk: _attention_rows(q, k, v, b, kk, dropout, q_BTNH.dtype)
-    if rows == B:
-        return fn(q_BTNH, k_BSKH, v_BSKH, bias, key)
-    n = B // rows
-    split = lambda x: x.reshape(n, rows, *x.shape[1:])
-    per_batch_bias = bias.shape[0] == B
-    keep_masks = jax.checkpoint_policies.save_only_these_names("attention_dropout_keep")
-    body = jax.checkpoint(policy=keep_masks, fun=lambda xs: fn(xs[0], xs[1], xs[2],
-                                        xs[3] if per_batch_bias else bias,
-                                        None if key is None else jax.random.fold_in(key, xs[4])))
-    xs = (split(q_BTNH), split(k_BSKH), split(v_BSKH),
-          split(bias) if per_batch_bias else jnp.zeros((n,)), jnp.arange(n))
-    return jax.lax.map(body, xs).reshape(B, T, N, -1)
+def dot_attention(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: AttentionMask,
+                  *, implementation: str = "auto", dropout: float = 0.0,
+                  key: jax.Array | None = None) -> jax.Array:
+    """Masked softmax attention by `implementation` (bigjax/models/attention.py: auto, xla,
+    cudnn, splash, chunked); dropout on the attention weights when `key` is given."""
+    return attend(q_BTNH, k_BSKH, v_BSKH, mask, implementation=implementation, dropout=dropout,
+                  key=key)
 
 
 class Attention(nnx.Module):
-    """Multi-head attention with optional grouped-query heads (n_kv_heads < n_heads)."""
+    """Multi-head attention with optional grouped-query heads (n_kv_heads < n_heads).
+
+    `implementation`: `model.attention`; an explicit one this backend lacks is a ConfigError here,
+    when the model is built."""
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, *,
                  use_bias: bool, dropout: float, rope_theta: float | None, dtype, std: float,
-                 out_std: float, rngs: nnx.Rngs):
+                 out_std: float, rngs: nnx.Rngs, implementation: str = "auto"):
+        attention.check_backend(implementation)
+        self.implementation = implementation
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.rope_theta, self.dtype, self.dropout_rate = rope_theta, dtype, dropout
         kw = dict(use_bias=use_bias, dtype=dtype, rngs=rngs)
@@ -245,7 +211,7 @@ class Attention(nnx.Module):
         self.value = Dense((d_model,), (n_kv_heads, head_dim), ("embed", "kv_heads", "kv"), std=std, **kw)
         self.out = Dense((n_heads, head_dim), (d_model,), ("heads", "kv", "embed"), std=out_std, **kw)
 
-    def __call__(self, x_BTD: jax.Array, mask_BTS: jax.Array, positions_BT: jax.Array,
+    def __call__(self, x_BTD: jax.Array, mask: AttentionMask, positions_BT: jax.Array,
                  rngs: nnx.Rngs | None, kv_BSD: jax.Array | None = None) -> jax.Array:
         """`kv_BSD`: keys and values from another sequence than the queries (by default x)."""
         kv_BSD = x_BTD if kv_BSD is None else kv_BSD
@@ -254,7 +220,8 @@ class Attention(nnx.Module):
             assert kv_BSD is x_BTD, "rotary attention takes one sequence"
             q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
         key = rngs.dropout() if rngs is not None and self.dropout_rate > 0 else None
-        out = dot_attention(q, k, v, mask_BTS, dropout=self.dropout_rate, key=key)
+        out = dot_attention(q, k, v, mask, implementation=self.implementation,
+                            dropout=self.dropout_rate, key=key)
         return self.out(out)
 
 
@@ -280,12 +247,6 @@ class MLP(nnx.Module):
 
 def attention_mask(segment_ids_BT: jax.Array | None, valid_BT: jax.Array | None, causal: bool,
                    length: int) -> jax.Array:
-    """Boolean B×T×S mask: causal, within one packed document, and only onto real tokens."""
-    mask = jnp.ones((1, length, length), bool)
-    if causal:
-        mask = jnp.tril(mask)
-    if segment_ids_BT is not None:
-        mask = mask & (segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :])
-    if valid_BT is not None:
-        mask = mask & valid_BT[:, None, :].astype(bool)
-    return mask
+    """Boolean B×T×S mask: causal, within one packed document, and only onto real tokens (the
+    models pass `AttentionMask`, which implementations read without materialising this)."""
+    return AttentionMask(causal, segment_ids_BT, valid_BT).dense(length, length)
