@@ -16,6 +16,7 @@ import pytest
 import yaml
 from flax import nnx
 
+from test_checkpoint import read_state  # every array of a checkpoint, by path
 from bigjax import mesh as mesh_lib
 from bigjax.build import build, one_device
 from bigjax.cli import run as cli_run
@@ -197,17 +198,6 @@ def _rows(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in fh]
 
 
-def _read_state(step_dir: str) -> dict[str, np.ndarray]:
-    import orbax.checkpoint as ocp
-    from bigjax.checkpoint import read_tree_metadata
-    item = os.path.join(step_dir, "state")
-    meta = read_tree_metadata(item)
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    tree = ocp.PyTreeCheckpointer().restore(item, args=ocp.args.PyTreeRestore(restore_args=args))
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in p): np.asarray(v) for p, v in flat}
-
-
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory) -> str:
     base = tmp_path_factory.mktemp("cnn")
@@ -263,8 +253,8 @@ def test_resume_from_a_mid_run_checkpoint_is_bitwise_identical(reference_run, tm
     proc = _train(run_dir, str(tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from step 6" in proc.stdout, proc.stdout[-2000:]
-    ref = _read_state(os.path.join(reference_run, "checkpoints", str(STEPS)))
-    got = _read_state(os.path.join(run_dir, "checkpoints", str(STEPS)))
+    ref = read_state(os.path.join(reference_run, "checkpoints", str(STEPS)))
+    got = read_state(os.path.join(run_dir, "checkpoints", str(STEPS)))
     assert set(got) == set(ref) and any("model_state" in k and "bn_0" in k for k in ref)
     for k in ref:
         assert np.array_equal(got[k], ref[k]), k
