@@ -59,7 +59,7 @@ sys.unraisablehook = _quiet_closed_loop_hook(sys.unraisablehook)
 ITEMS = ("state", "data", "meta")
 # Model keys that change neither the parameter tree nor its meaning, so a resume may change them.
 RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attention_dropout", "dtype", "init_std", "remat",
-                                  "attention"})
+                                  "loss_chunk", "attention"})
 
 
 def unwritable_reason(directory: str) -> str | None:

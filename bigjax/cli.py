@@ -33,6 +33,30 @@ Reads and writes config.json + model.safetensors (BERT, GPT-2, LLaMA-style) and 
 """
 
 
+PLAN_HELP = """\
+Parameters, FLOPs, per-device memory and training time of a config on N devices of a type, from
+abstract shapes only (no data, no devices needed; model.vocab_size must be set).
+
+  bigjax plan configs/gpt_tiny.yaml model.vocab_size=4096 --devices 8 --device-type h100
+  bigjax plan configs/gpt_tiny.yaml model.vocab_size=4096 model.d_model=4096 model.n_layers=32 \\
+    model.n_heads=32 model.d_ff=11008 train.seq_len=2048 model.max_seq_len=2048 \\
+    train.batch_size=256 mesh.fsdp=8 model.remat=full --devices 64 --device-type h100 --tokens 1T
+
+Memory per device: params, grads, optimizer state (the state's shardings on the configured mesh)
+and activations (a per-layer model of what the backward pass keeps); device types: h100 h200
+a100 b200 v4 v5e v5p v6e cpu (this host: measured matmul peak, RAM).
+"""
+
+BENCH_HELP = """\
+Time the compiled train step of a config on random batches of its shape (no data needed; set
+model.vocab_size): compile time, median/min/max step time, tokens/s, TFLOP/s, MFU, memory.
+
+  bigjax bench configs/gpt_tiny.yaml model.vocab_size=4096 --steps 20
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+    bigjax bench configs/gpt_tiny.yaml model.vocab_size=4096 mesh.fsdp=2 --json
+"""
+
+
 def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
     """A subcommand whose description keeps its line breaks (its examples)."""
     return sub.add_parser(name, help=help, description=description,
@@ -71,7 +95,29 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("src", help="HF model dir (config.json + model.safetensors) or bigjax run dir")
     cv.add_argument("out", help="new output directory")
     _data_parsers(sub)
+    _perf_parsers(sub)
     return p
+
+
+def _perf_parsers(sub) -> None:
+    pl = _command(sub, "plan", "memory, FLOPs and time of a config on N devices (no devices needed)",
+                  PLAN_HELP)
+    pl.add_argument("config", help="YAML config file")
+    pl.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pl.add_argument("--devices", type=int, default=0, help="number of devices (default: here)")
+    pl.add_argument("--device-type", default="",
+                    help="h100 h200 a100 b200 v4 v5e v5p v6e cpu (default: this machine's)")
+    pl.add_argument("--tokens", default="",
+                    help="tokens to train on, e.g. 1e9, 300B (default: steps x batch x seq_len)")
+    pl.add_argument("--mfu", type=float, default=0.4, help="MFU assumed for the time (0.4)")
+    pl.add_argument("--compile", action="store_true",
+                    help="also compile the step here (needs the devices) and show XLA's memory")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    be = _command(sub, "bench", "time the compiled train step on random batches", BENCH_HELP)
+    be.add_argument("config", help="YAML config file")
+    be.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    be.add_argument("--steps", type=int, default=10, help="timed steps (10)")
+    be.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _data_parsers(sub) -> None:
@@ -174,8 +220,42 @@ def _tokenizer(args) -> int:
     return 0
 
 
-COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints, "eval": _eval, "predict": _predict,
-            "convert": _convert}
+def _config_for_sizes(args):
+    from bigjax.config import load_config
+    from bigjax.resolve import resolve
+    return resolve(load_config(args.config, args.overrides))  # hf: sizes; no data
+
+
+def _plan(args) -> int:
+    import json
+
+    import jax
+
+    from bigjax.perf import detect_device_type
+    from bigjax.plan import format_plan, make_plan, parse_tokens
+    cfg = _config_for_sizes(args)
+    kind = args.device_type or detect_device_type() or ""
+    plan = make_plan(cfg, args.devices or jax.device_count(), kind,
+                     parse_tokens(args.tokens) if args.tokens else None, args.mfu, args.compile)
+    print(json.dumps(plan.to_dict()) if args.json else format_plan(plan), flush=True)
+    return 0
+
+
+def _bench(args) -> int:
+    import json
+
+    import jax
+
+    from bigjax.bench import format_bench, run_bench
+    result = run_bench(_config_for_sizes(args), args.steps)
+    if jax.process_index() == 0:  # on a cluster every process runs the steps, one prints
+        print(json.dumps(result.to_dict()) if args.json else format_bench(result), flush=True)
+    return 0
+
+
+COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints,
+            "eval": _eval, "predict": _predict, "convert": _convert, "plan": _plan,
+            "bench": _bench}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,7 +272,12 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after options (`plan CONFIG --devices 8 mesh.fsdp=2`) are overrides too
+        if not hasattr(args, "overrides") or any(x.startswith("-") or "=" not in x for x in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     try:
         return COMMANDS[args.command](args)
     except BigjaxError as e:

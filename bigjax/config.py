@@ -53,7 +53,7 @@ def derived(default: Any, source: str, **kw) -> Any:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME[/CONFIG] | file glob (.txt/.jsonl/.csv/.parquet)
+    source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME[/CONFIG] | sklearn:digits (images) | file glob (.txt/.jsonl/.csv/.parquet)
     dir: str = ""  # tensorflow-datasets data dir ("" = tfds default); bigjax never downloads
     split: str = "train"  # tfds split for training (slices like train[:90%] work)
     eval_split: str = ""  # tfds split, or a file glob for file sources; "" = hold out val_fraction
@@ -428,9 +428,9 @@ def _validate_data(d: DataConfig) -> None:
             raise ConfigError(f"data.{key} must be 0 or more, got {getattr(d, key)}")
     scheme = d.source.split(":", 1)[0] if ":" in d.source else ""
     # a one-letter scheme is a Windows drive, one with "/" a path with a colon in it
-    if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds"):
+    if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds", "sklearn"):
         raise ConfigError(f"data.source '{d.source}': unknown scheme (expected builtin:pydocs, "
-                          "tfds:NAME[/CONFIG] or a file path/glob)")
+                          "tfds:NAME[/CONFIG], sklearn:digits or a file path/glob)")
 
 
 def init_run_dir(source: str) -> str:

@@ -24,7 +24,8 @@ from bigjax.errors import ConfigError, first_line
 
 ENTRY_POINT_GROUP = "bigjax.plugins"
 BUILTINS = ("bigjax.models.gpt", "bigjax.models.bert", "bigjax.tasks", "bigjax.data.lm",
-            "bigjax.data.mlm", "bigjax.data.classification")
+            "bigjax.data.mlm", "bigjax.data.classification",
+            "bigjax.models.cnn", "bigjax.tasks_image", "bigjax.data.images")  # images: CNNs
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ def load_plugins() -> None:
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = ep.load()
-            if callable(loaded) and not isinstance(loaded, type(importlib)):
-                loaded()  # an entry point may name a function that registers
+            if callable(loaded):  # an entry point may name a function that registers
+                loaded()
         except Exception as e:
             raise ConfigError(f"bigjax plug-in '{ep.name}' ({ep.value}, entry point group "
                               f"{ENTRY_POINT_GROUP}) failed to load: {first_line(e)}")

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from bigjax import mesh as mesh_lib
 from bigjax.config import Config
@@ -70,9 +70,13 @@ def model_spec(cfg: Config) -> ModelSpec:
 
 
 def state_shardings(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformation,
-                    mesh: Mesh) -> tuple[TrainState, TrainState]:
-    """(abstract state, its NamedShardings). Raises ConfigError on indivisible dimensions."""
-    abstract = jax.eval_shape(lambda: init_state_fn(cfg, tx)())
+                    mesh: Mesh | AbstractMesh, abstract: TrainState | None = None
+                    ) -> tuple[TrainState, TrainState]:
+    """(abstract state, its NamedShardings). Raises ConfigError on indivisible dimensions.
+    `mesh` may be abstract (a plan for devices this machine lacks); `abstract`: the state's shapes
+    when already known (they do not depend on the mesh)."""
+    if abstract is None:
+        abstract = jax.eval_shape(lambda: init_state_fn(cfg, tx)())
     pspecs = mesh_lib.param_specs(spec.abstract_params, spec.logical_axes, cfg.sharding.rules, mesh)
     param_sh = mesh_lib.named(mesh, pspecs)
     replicated = NamedSharding(mesh, P())

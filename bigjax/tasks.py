@@ -19,6 +19,7 @@ from flax import nnx
 from bigjax import registry
 from bigjax.config import Config, TaskConfig, derived
 from bigjax.errors import ConfigError
+from bigjax.models.lm_head import chunked_token_stats
 
 Batch = dict[str, jax.Array]
 Stats = dict[str, jax.Array]
@@ -51,14 +52,22 @@ def finalize_token_stats(sums: dict[str, float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class CausalLM:
-    """Next-token prediction; batch: inputs, targets, weights, optional segment_ids, positions."""
+    """Next-token prediction; batch: inputs, targets, weights, optional segment_ids, positions.
+
+    A model that offers `hidden(inputs, ...)` (the final hidden states) and `output_head()` (a
+    `bigjax.models.lm_head.OutputHead` with a `loss_chunk`) gets its loss computed in chunks of
+    positions, without B×T×V logits; any other model is called for its logits.
+    """
 
     name: str = "causal_lm"
 
     def stats(self, model, batch, rngs):
-        logits = model(batch["inputs"], segment_ids=batch.get("segment_ids"),
-                       positions=batch.get("positions"), rngs=rngs)
-        return token_stats(logits, batch["targets"], batch["weights"])
+        kw = dict(segment_ids=batch.get("segment_ids"), positions=batch.get("positions"), rngs=rngs)
+        head = model.output_head() if hasattr(model, "output_head") else None
+        if head is not None and head.loss_chunk > 0:
+            h = model.hidden(batch["inputs"], **kw)
+            return chunked_token_stats(h, head, batch["targets"], batch["weights"])
+        return token_stats(model(batch["inputs"], **kw), batch["targets"], batch["weights"])
 
     def finalize(self, sums):
         return finalize_token_stats(sums)
@@ -104,25 +113,36 @@ class Classification:
         labels, w = batch["labels"], batch["weights"].astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         pred = jnp.argmax(logits, -1)
-        out = {"loss_sum": (losses * w).sum(), "weight": w.sum(),
-               "correct": ((pred == labels) * w).sum()}
-        for k in range(self.num_labels):
-            is_pred, is_label = (pred == k) * w, (labels == k) * w
-            out[f"tp_{k}"] = (is_pred * (labels == k)).sum()
-            out[f"fp_{k}"] = (is_pred * (labels != k)).sum()
-            out[f"fn_{k}"] = (is_label * (pred != k)).sum()
-        return out
+        return {"loss_sum": (losses * w).sum(), "weight": w.sum(),
+                "correct": ((pred == labels) * w).sum(),
+                **class_counts(pred, labels, w, self.num_labels)}
 
     def finalize(self, sums):
         w = max(sums["weight"], 1e-9)
-        # like scikit-learn's macro F1: averaged over the classes present in labels or predictions
-        f1s = []
-        for k in range(self.num_labels):
-            tp, fp, fn = sums[f"tp_{k}"], sums[f"fp_{k}"], sums[f"fn_{k}"]
-            if tp + fp + fn > 0:
-                f1s.append(2 * tp / (2 * tp + fp + fn))
         return {"loss": sums["loss_sum"] / w, "accuracy": sums["correct"] / w,
-                "macro_f1": sum(f1s) / len(f1s) if f1s else 0.0}
+                "macro_f1": macro_f1(sums, self.num_labels)}
+
+
+def class_counts(pred: jax.Array, labels: jax.Array, w: jax.Array, num_labels: int) -> Stats:
+    """Weighted per-class true/false positives and false negatives as scalars (`tp_3`, ...):
+    additive, so macro F1 over a whole split is exact however it was batched."""
+    out = {}
+    for k in range(num_labels):
+        is_pred, is_label = (pred == k) * w, (labels == k) * w
+        out[f"tp_{k}"] = (is_pred * (labels == k)).sum()
+        out[f"fp_{k}"] = (is_pred * (labels != k)).sum()
+        out[f"fn_{k}"] = (is_label * (pred != k)).sum()
+    return out
+
+
+def macro_f1(sums: dict[str, float], num_labels: int) -> float:
+    """Like scikit-learn's macro F1: averaged over the classes present in labels or predictions."""
+    f1s = []
+    for k in range(num_labels):
+        tp, fp, fn = sums[f"tp_{k}"], sums[f"fp_{k}"], sums[f"fn_{k}"]
+        if tp + fp + fn > 0:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return sum(f1s) / len(f1s) if f1s else 0.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +178,14 @@ def _classification(cfg: Config) -> Task:
         raise ConfigError(f"task.num_labels must be at least 2 for classification, "
                           f"got {cfg.task.num_labels}")
     return Classification(cfg.task.num_labels)
+
+
+def head(cfg: Config) -> str | None:
+    """The kind of output head the task's batches need: "masked_lm" (token logits at masked
+    positions), "classification" (logits per sequence) or None (the model's own output). Read
+    from the task's data builder, so a plug-in task on classification batches gets a classifier."""
+    return {"mlm": "masked_lm", "classification": "classification"}.get(
+        registry.task(cfg.task.name).data)
 
 
 def make_task(cfg: Config) -> Task:

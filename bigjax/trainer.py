@@ -2,7 +2,9 @@
 checkpoint cadence and signal handling. The Python API (`Trainer(...).train()`) and the CLI share it.
 
 The host never waits for the device to log: metrics of a logged step are fetched only after the
-next step has been dispatched (nanodo's trick).
+next step has been dispatched (nanodo's trick). Nor does the device wait for the host's input:
+right after a step is dispatched the loader reads the next batches and starts their transfer, so
+each step's batch is on the devices before the step is dispatched.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from bigjax.data.loader import TrainLoader, eval_batches
 from bigjax.data.pipeline import build_data
 from bigjax.data.types import Data
 from bigjax.errors import CheckpointError, ConfigError
-from bigjax.perf import flops_per_token, peak_flops
+from bigjax.perf import flops_per_token, mfu, peak
 from bigjax.report import Reporter, plot_losses, stage
 from bigjax.resolve import resolve
 from bigjax.state import TrainState
+from bigjax.tasks import head
 
 __version__ = "0.1.0"
+PREFETCH = 2  # batches read and put on the devices ahead of the step that consumes them
 
 
 def prepare_run_dir(path: str) -> str:
@@ -163,7 +167,7 @@ class Trainer:
         """(label name, probability) of the most likely class for each text."""
         from bigjax.data.classification import load_label_names
         from bigjax.predict import predict_texts, probs_fn
-        if self.cfg.task.name != "classification":
+        if head(self.cfg) != "classification":
             raise ConfigError(f"predict needs a classification run; this one has "
                               f"task.name={self.cfg.task.name}")
         state = self.init_state()
@@ -220,7 +224,7 @@ class Trainer:
         loader = TrainLoader(self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
                              sharding=self.parts.batch_sharding, process_index=jax.process_index(),
                              process_count=jax.process_count(), workers=cfg.data.workers,
-                             threads=cfg.data.threads)
+                             threads=cfg.data.threads, prefetch=PREFETCH)
         if self._data_state:
             loader.restore(self._data_state)
         report = Reporter(self.run_dir, t.steps, start, t.progress)
@@ -230,7 +234,10 @@ class Trainer:
                        f"data: {self.data.summary or f'{len(self.data.train)} training examples'}")
         tokens_per_step = t.batch_size * t.seq_len
         flops_tok = flops_per_token(cfg, self.n_params)
-        peak = peak_flops(cfg)
+        peak_info = peak(cfg)
+        peak_total = peak_info.total
+        report.message(f"MFU against {peak_info.source}" if peak_total > 0 else
+                       f"MFU not reported: {peak_info.source}")
         last: dict[str, float] = {}
         if start == 0 and start < t.steps:
             report.stage("evaluating step 0 (compiling the eval step)")
@@ -248,13 +255,15 @@ class Trainer:
                 batch = next(loader)
                 state, metrics = self.parts.train_step(state, batch)
                 step += 1
+                if step < t.steps:  # while the device computes: the next batches to the devices
+                    loader.prefetch()
                 if step == start + 1:  # compiled and dispatched: from here on, steps are progress
                     self._watchdog = distributed.hang_watchdog(cfg.distributed.hang_timeout_s)
                     report.stage("training")
                 self._watchdog.beat(f"step {step}")
                 if pending is not None:  # the previous logged step: fetched while this one runs
                     t_last, step_last = self._log(report, pending, t_last, step_last,
-                                                  tokens_per_step, flops_tok, peak)
+                                                  tokens_per_step, flops_tok, peak_total)
                     pending = None
                 if step % t.log_every == 0 or step == t.steps:
                     pending = (step, metrics)
@@ -272,7 +281,8 @@ class Trainer:
                     preempted = step < t.steps
                     break
             if pending is not None:
-                self._log(report, pending, t_last, step_last, tokens_per_step, flops_tok, peak)
+                self._log(report, pending, t_last, step_last, tokens_per_step, flops_tok,
+                          peak_total)
             if not preempted:
                 last = self._evaluate_and_log(report, step, every_metric=True)
             self._watchdog.stop()  # a final save may take long on slow storage
@@ -313,8 +323,8 @@ class Trainer:
         row = {"step": step, **finals, "grad_norm": m["grad_norm"], "lr": m["lr"],
                "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
                "tokens_per_s_per_device": tokens_per_step / dt / jax.device_count()}
-        if peak > 0:
-            row["mfu"] = flops_tok * row["tokens_per_s"] / peak
+        if peak > 0:  # at most 1: above it, the peak was measured low (a busy CPU)
+            row["mfu"] = mfu(flops_tok * row["tokens_per_s"], peak)
         report.log(row)
         report.progress(step, {"loss": f"{finals['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"})
         return now, step

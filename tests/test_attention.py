@@ -91,12 +91,16 @@ def small_blocks(monkeypatch):
     assert attention._block_sizes(4, 80, 80, 4, "cpu") == (1, 64, 64)
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("impl", ["chunked", "splash"])
-@pytest.mark.parametrize("rate", [0.0, 0.3], ids=["no_dropout", "dropout"])
+# splash has no attention dropout, nor a causal mask for gathered queries (its explicit choice is
+# a one-line error there, tested below): those combinations are not generated
+COMBOS = [(impl, case, rate) for impl in ("chunked", "splash") for case in CASES
+          for rate in (0.0, 0.3)
+          if impl == "chunked" or not (rate or CASES[case].get("causal") and CASES[case].get("gathered"))]
+
+
+@pytest.mark.parametrize("impl, case, rate", COMBOS,
+                         ids=[f"{i}-{c}-{'dropout' if r else 'no_dropout'}" for i, c, r in COMBOS])
 def test_every_cpu_implementation_equals_xla(splash_on_cpu, small_blocks, impl, case, rate):
-    if impl == "splash" and (rate or CASES[case].get("causal") and CASES[case].get("gathered")):
-        pytest.skip("splash has no attention dropout, nor a causal mask for gathered queries")
     q, k, v, mask = batch(0, **CASES[case])
     got = outputs_and_grads(impl, q, k, v, mask, rate)
     want = outputs_and_grads("xla", q, k, v, mask, rate)

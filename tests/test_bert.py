@@ -175,3 +175,25 @@ def test_masked_lm_loss_at_masked_positions_equals_the_loss_over_every_position(
     assert float(at["weight"]) == float(every["weight"]) == 23.0
     assert float(at["correct"]) == float(every["correct"])
     assert float(at["loss_sum"]) == pytest.approx(float(every["loss_sum"]), rel=1e-5)
+
+
+def test_a_plugin_task_on_classification_batches_gets_the_classifier_head():
+    """The head follows the task's data builder, not its name: a task registered with
+    data="classification" gets BERT's pooler and classifier, and predict accepts its runs."""
+    from dataclasses import dataclass
+
+    from bigjax import registry
+    from bigjax.tasks import Classification, ClassificationConfig, head
+
+    @dataclass(frozen=True)
+    class OtherClassificationConfig(ClassificationConfig):
+        name: str = "test_other_classification"
+
+    registry.register_task("test_other_classification", OtherClassificationConfig,
+                           lambda cfg: Classification(cfg.task.num_labels), data="classification")
+    cfg = tiny("task.name=test_other_classification", "task.num_labels=3")
+    assert head(cfg) == "classification"
+    ids, types, mask = _inputs()
+    out = build(cfg)(jnp.asarray(ids), token_type_ids=jnp.asarray(types),
+                     attention_mask=jnp.asarray(mask))
+    assert out.shape == (8, 3)

@@ -51,6 +51,29 @@ def test_resume_from_saved_state_yields_exactly_the_next_batches(tmp_path):
     assert json.loads(json.dumps(saved)) == saved
 
 
+def test_prefetched_batches_are_on_the_devices_and_not_in_the_saved_position():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    sharding = NamedSharding(jax.make_mesh((8,), ("data",)), P("data"))
+    ahead = TrainLoader(Rows(20), 8, seed=3, shuffle=True, sharding=sharding, prefetch=2)
+    plain = TrainLoader(Rows(20), 8, seed=3, shuffle=True, sharding=None)
+    first = next(ahead)
+    ahead.prefetch()  # what the trainer does right after dispatching the step
+    assert all(isinstance(v, jax.Array) and v.sharding == sharding for b in ahead._ahead
+               for v in b.values())
+    assert ahead.state()["batches_taken"] == 1  # the step consumed one; two more were read
+    resumed = TrainLoader(Rows(20), 8, seed=3, shuffle=True, sharding=None)
+    resumed.restore(ahead.state())
+    expected = [np.asarray(next(plain)["id"]) for _ in range(4)]
+    assert np.array_equal(np.asarray(first["id"]), expected[0])
+    assert np.array_equal(np.asarray(next(resumed)["id"]), expected[1])
+    for i in (1, 2, 3):
+        assert np.array_equal(np.asarray(next(ahead)["id"]), expected[i])
+        ahead.prefetch()
+    assert ahead.state()["batches_taken"] == 4
+
+
 def test_each_epoch_is_a_new_permutation_of_all_examples():
     batches = take(loader(n=20, batch=4), 10)
     epoch1 = sum(batches[:5], [])

@@ -4,7 +4,6 @@ steps with its own model family and task; and what the same command says without
 
 from __future__ import annotations
 
-import csv
 import importlib.metadata
 import json
 import os
@@ -15,27 +14,12 @@ import sys
 import numpy as np
 import pytest
 import yaml
+from separable import write_separable_csv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLUGIN = os.path.join(ROOT, "examples", "plugin")
 CONFIG = os.path.join(PLUGIN, "config.yaml")
 SMOOTHING = 0.2
-POS, NEG = ["good", "great", "love", "nice"], ["bad", "awful", "hate", "poor"]
-FILL = ["the", "a", "it", "movie"]
-
-
-def write_separable_csv(path: str, n: int, seed: int = 0) -> None:
-    """Texts of three sentiment words (all from one class) and three filler words (as in
-    tests/test_trainer_api.py, without importing its trainer fixtures)."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["review", "sentiment"])
-        for i in range(n):
-            label = ["neg", "pos"][i % 2]
-            words = list(rng.choice(POS if label == "pos" else NEG, 3)) + list(rng.choice(FILL, 3))
-            rng.shuffle(words)
-            w.writerow([" ".join(words) + f" {i}", label])
 
 
 def _env(site: str | None) -> dict:

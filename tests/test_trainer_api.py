@@ -3,7 +3,6 @@ a tiny classifier and a trivially separable synthetic dataset."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -16,25 +15,12 @@ import numpy as np
 import pytest
 
 import standin_encoder  # noqa: F401  (registers the stand-in model)
+from separable import write_separable_csv
 from bigjax import cli
 from bigjax import mesh as mesh_lib
 from bigjax.config import load_config
 from bigjax.trainer import Trainer
 
-POS, NEG, FILL = ["good", "great", "love", "nice"], ["bad", "awful", "hate", "poor"], ["the", "a", "it", "movie"]
-
-
-def write_separable_csv(path: str, n: int, seed: int = 0) -> None:
-    """Texts of three sentiment words (all from one class) and three filler words."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(["review", "sentiment"])
-        for i in range(n):
-            label = ["neg", "pos"][i % 2]
-            words = list(rng.choice(POS if label == "pos" else NEG, 3)) + list(rng.choice(FILL, 3))
-            rng.shuffle(words)
-            w.writerow([" ".join(words) + f" {i}", label])
 
 
 def tiny(run_dir: str, source: str, *extra: str) -> list[str]:

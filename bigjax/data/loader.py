@@ -4,6 +4,7 @@ batches become global sharded arrays. Its position is a small JSON-able dict for
 
 from __future__ import annotations
 
+import collections
 import math
 from typing import Any, Iterator, Sequence
 
@@ -47,11 +48,16 @@ class TrainLoader:
     The pipeline is index-based (a grain MapDataset end to end), so its position is just the
     number of batches taken: the same on every process, independent of `workers` (a run may
     resume with more or fewer), and restored by starting the dataset at that batch.
+
+    `prefetch()` reads up to `prefetch` batches ahead and puts them on the devices, so the step
+    that needs one finds it there; the trainer calls it right after dispatching a step, while the
+    device computes. `state()` is the position of the next batch `next()` returns, not of what
+    was read ahead: a checkpoint resumes at the batch the step would have consumed.
     """
 
     def __init__(self, source: Sequence[Example], global_batch: int, *, seed: int, shuffle: bool,
                  sharding: NamedSharding | None, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0, threads: int = 0):
+                 workers: int = 0, threads: int = 0, prefetch: int = 0):
         self.local_batch = _local_batch(global_batch, process_count)
         n = len(source)
         usable = n - n % process_count
@@ -70,6 +76,8 @@ class TrainLoader:
         self.sharding = sharding
         self.examples_per_epoch = usable // process_count
         self.dropped_per_epoch = n - usable
+        self._depth = prefetch
+        self._ahead: collections.deque = collections.deque()  # read, on the devices, not consumed
         self._start(0)
 
     def _start(self, taken: int) -> None:
@@ -88,18 +96,28 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self
 
-    def __next__(self) -> dict[str, Any]:
+    def _read(self) -> dict[str, Any]:
         local = next(self._it)
         self._taken += 1
         return local if self.sharding is None else to_global(local, self.sharding)
 
+    def __next__(self) -> dict[str, Any]:
+        return self._ahead.popleft() if self._ahead else self._read()
+
+    def prefetch(self) -> None:
+        """Read batches ahead (and start their transfer to the devices) up to the depth."""
+        while len(self._ahead) < self._depth:
+            self._ahead.append(self._read())
+
     def close(self) -> None:
         """Stops worker processes and frees their shared memory (a no-op without workers)."""
+        self._ahead.clear()
         self._it.close()
 
     def state(self) -> dict:
-        """JSON-able position, stored in checkpoints with orbax JsonSave."""
-        return {"batches_taken": self._taken, **self._identity}
+        """JSON-able position of the next batch `next()` returns (batches read ahead are not
+        counted), stored in checkpoints with orbax JsonSave."""
+        return {"batches_taken": self._taken - len(self._ahead), **self._identity}
 
     def restore(self, state: dict) -> None:
         if not isinstance(state, dict) or not isinstance(state.get("batches_taken"), int):
@@ -113,6 +131,7 @@ class TrainLoader:
                 + ", ".join(changed) + "), so the run cannot continue with the exact next batch; "
                 "restore the data.* and train.batch_size settings, or start a new run.dir")
         self._it.close()  # stops the old worker processes, if any
+        self._ahead.clear()
         self._start(state["batches_taken"])
 
 

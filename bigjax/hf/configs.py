@@ -8,6 +8,7 @@ from typing import Any
 
 from bigjax.config import Config
 from bigjax.errors import CheckpointError
+from bigjax.tasks import head
 
 SUPPORTED = "bert, gpt2, llama"
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -105,7 +106,7 @@ def hf_config_from_bigjax(cfg: Config, family: str,
     act = {v: k for k, v in reversed(list(_ACT.items()))}.get(m.mlp, "silu")
     if family == "bert":
         arch = {"masked_lm": "BertForMaskedLM",
-                "classification": "BertForSequenceClassification"}.get(cfg.task.name, "BertModel")
+                "classification": "BertForSequenceClassification"}.get(head(cfg), "BertModel")
         out = dict(model_type="bert", architectures=[arch], vocab_size=m.vocab_size,
                    hidden_size=m.d_model, num_hidden_layers=m.n_layers,
                    num_attention_heads=m.n_heads, intermediate_size=m.d_ff,
@@ -113,7 +114,7 @@ def hf_config_from_bigjax(cfg: Config, family: str,
                    layer_norm_eps=m.norm_eps, hidden_act=act, hidden_dropout_prob=drop,
                    attention_probs_dropout_prob=attn_drop, pad_token_id=m.pad_token_id,
                    position_embedding_type="absolute", initializer_range=m.init_std)
-        if cfg.task.name == "classification":
+        if head(cfg) == "classification":
             names = label_names or [f"LABEL_{i}" for i in range(cfg.task.num_labels)]
             out.update(num_labels=cfg.task.num_labels,
                        id2label={str(i): n for i, n in enumerate(names)},

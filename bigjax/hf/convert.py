@@ -18,6 +18,7 @@ from bigjax.checkpoint import Checkpointer, abstract_with_shardings
 from bigjax.config import CheckpointConfig, Config, load_config, save_config, to_dict, updated
 from bigjax.errors import CheckpointError
 from bigjax.hf import WEIGHTS, load_params, model_config_for, save_params
+from bigjax.tasks import head
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
@@ -95,7 +96,7 @@ def bigjax_to_hf(run_dir: str, out: str) -> Config:
     tmp = out.rstrip("/") + ".tmp-export"
     shutil.rmtree(tmp, ignore_errors=True)
     from bigjax.data.classification import load_label_names
-    labels = load_label_names(run_dir) if cfg.task.name == "classification" else None
+    labels = load_label_names(run_dir) if head(cfg) == "classification" else None
     save_params(params, cfg, tmp, labels)
     tok_dir = os.path.join(run_dir, "tokenizer")
     if not os.path.isdir(tok_dir):

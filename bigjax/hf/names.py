@@ -16,6 +16,7 @@ import numpy as np
 
 from bigjax.config import Config
 from bigjax.errors import ConfigError
+from bigjax.tasks import head
 
 
 @dataclass(frozen=True)
@@ -94,14 +95,14 @@ def _bert(cfg: Config) -> list[Entry]:
                 E((b, "mlp", "down", "bias"), h + "output.dense.bias"),
                 E((b, "mlp_norm", "scale"), h + "output.LayerNorm.weight"),
                 E((b, "mlp_norm", "bias"), h + "output.LayerNorm.bias")]
-    if cfg.task.name != "masked_lm":
+    if head(cfg) != "masked_lm":
         # a pooler-less checkpoint (e.g. from BertForMaskedLM) leaves the fresh pooler in place
         out += [E(("pooler", "kernel"), "pooler.dense.weight", "linear", head=True),
                 E(("pooler", "bias"), "pooler.dense.bias", head=True)]
-    if cfg.task.name == "classification":
+    if head(cfg) == "classification":
         out += [E(("classifier", "kernel"), "classifier.weight", "linear", base=False, head=True),
                 E(("classifier", "bias"), "classifier.bias", base=False, head=True)]
-    if cfg.task.name == "masked_lm":
+    if head(cfg) == "masked_lm":
         t = "cls.predictions."
         out += [E(("mlm_dense", "kernel"), t + "transform.dense.weight", "linear", base=False, head=True),
                 E(("mlm_dense", "bias"), t + "transform.dense.bias", base=False, head=True),

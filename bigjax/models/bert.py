@@ -18,6 +18,7 @@ from bigjax.models.attention import AttentionMask
 from bigjax.models.axes import constrain, param
 from bigjax.models.layers import MLP, Attention, Dense, Embed, Norm, TransformerConfig
 from bigjax.registry import register_model
+from bigjax.tasks import head, num_predictions
 
 
 @dataclass(frozen=True)
@@ -139,8 +140,7 @@ class Bert(nnx.Module):
 
 
 def build_bert(cfg: Config, rngs: nnx.Rngs) -> Bert:
-    head = cfg.task.name if cfg.task.name in ("masked_lm", "classification") else None
-    return Bert(cfg.model, head, getattr(cfg.task, "num_labels", 0), rngs)
+    return Bert(cfg.model, head(cfg), getattr(cfg.task, "num_labels", 0), rngs)
 
 
 def flops_per_token(cfg: Config, n_params: int) -> float:
@@ -150,21 +150,20 @@ def flops_per_token(cfg: Config, n_params: int) -> float:
     [CLS]), and bigjax computes the vocabulary projection and the last layer's queries, output and
     MLP for those alone, so they count at that share of the tokens.
     """
-    from bigjax.tasks import num_predictions
-    m, T = cfg.model, cfg.train.seq_len
+    m, T, kind = cfg.model, cfg.train.seq_len, head(cfg)
     head_dim = m.head_dim or m.d_model // m.n_heads
     matmul = float(n_params - (m.vocab_size + m.max_seq_len) * m.d_model)
     attention = 12.0 * m.n_layers * T * m.n_heads * head_dim
     share = {"masked_lm": num_predictions(T, getattr(cfg.task, "mlm_probability", 0.15)) / T,
-             "classification": 1 / T}.get(cfg.task.name, 1.0)
+             "classification": 1 / T}.get(kind, 1.0)
     last = 2 * m.d_model * m.n_heads * head_dim + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
     matmul -= (1 - share) * last
     # the head's d x d dense (pooler, or masked-LM transform) runs at those positions only; a bare
     # encoder returns hidden states and never runs its pooler
-    head = (m.d_model + 1) * m.d_model
-    matmul -= (1 - share) * head if cfg.task.name in ("masked_lm", "classification") else head
+    head_dense = (m.d_model + 1) * m.d_model
+    matmul -= (1 - share) * head_dense if kind else head_dense
     attention -= (1 - share) * 12.0 * T * m.n_heads * head_dim
-    if cfg.task.name == "masked_lm":  # tied to the word embeddings
+    if kind == "masked_lm":  # tied to the word embeddings
         matmul += share * m.vocab_size * m.d_model
     return 6.0 * matmul + attention
 

@@ -18,6 +18,7 @@ from bigjax.models.attention import AttentionMask
 from bigjax.models.axes import constrain
 from bigjax.models.layers import (MLP, Attention, Dense, Embed, Norm, TransformerConfig,
                                   remat_layer, remat_policy)
+from bigjax.models.lm_head import OutputHead
 from bigjax.registry import register_model
 
 
@@ -34,9 +35,15 @@ class GPTConfig(TransformerConfig):
     tie_embeddings: bool = True
     # decoder blocks as one stacked block applied by lax.scan: compile time independent of depth
     scan_layers: bool = False
+    # causal_lm's loss over the vocabulary, this many positions of every sequence at a time
+    # (0 = all logits at once): a chunk's logits are batch x loss_chunk x vocab, not x seq_len
+    loss_chunk: int = 512
 
     def check(self, cfg: Config) -> None:
         super().check(cfg)
+        if self.loss_chunk < 0:
+            raise ConfigError(f"model.loss_chunk must be 0 (all logits at once) or a number of "
+                              f"positions, got {self.loss_chunk}")
         kv = self.n_kv_heads or self.n_heads
         if self.n_heads % kv:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by "
@@ -122,11 +129,17 @@ class GPT(nnx.Module):
             x = constrain(layer(getattr(self, f"layer_{i}"), x, rngs), ACT)
         return self.final_norm(x)
 
+    def output_head(self) -> OutputHead:
+        """The output projection (the tied embedding table or `lm_head`): causal_lm computes
+        its loss from `hidden` through it in chunks of `model.loss_chunk` positions."""
+        dtype, chunk = jnp.dtype(self.cfg.dtype), self.cfg.loss_chunk
+        if self.lm_head is None:
+            return OutputHead(self.embed.embedding[...], 0, ("vocab", "embed"), dtype, chunk)
+        return OutputHead(self.lm_head.kernel[...], 1, ("embed", "vocab"), dtype, chunk)
+
     def __call__(self, tokens_BT: jax.Array, **kw) -> jax.Array:
-        """Logits B×T×V in float32."""
-        h = self.hidden(tokens_BT, **kw)
-        logits = self.embed.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.float32)
+        """Logits B×T×V in float32 (from the matmul: with bfloat16 compute too)."""
+        return self.output_head().logits(self.hidden(tokens_BT, **kw))
 
 
 def _scan_blocks(blocks: Block, x: jax.Array, call, rngs: nnx.Rngs | None,

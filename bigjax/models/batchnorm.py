@@ -1,0 +1,47 @@
+"""BatchNorm for bigjax's pure, sharded step: batch statistics of the GLOBAL batch in training,
+running averages in evaluation.
+
+The running averages are `nnx.BatchStat` variables, so they are not parameters: the step carries
+them in `TrainState.model_state` (returned by the forward, never differentiated). Under `jit` with
+the batch sharded over data/fsdp, `mean` over the batch axis is a global mean (XLA inserts the
+all-reduce), so a sharded step normalises exactly like a one-device step on the same batch
+(tests/test_cnn.py checks outputs and updated statistics).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from bigjax.models.axes import param
+
+
+class BatchNorm(nnx.Module):
+    """Normalises over every axis but the last (features): NHWC images or B x D vectors.
+
+    `momentum`: running = momentum * running + (1 - momentum) * batch (Flax's convention; PyTorch's
+    momentum 0.1 is 0.9 here). The running variance is the biased batch variance, as in Flax.
+    """
+
+    def __init__(self, dim: int, *, momentum: float = 0.9, eps: float = 1e-5,
+                 axis_name: str | None = None):
+        self.momentum, self.eps = momentum, eps
+        self.scale = param(jnp.ones((dim,), jnp.float32), (axis_name,))
+        self.bias = param(jnp.zeros((dim,), jnp.float32), (axis_name,))
+        self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = xf.mean(axes)
+            var = jnp.square(xf - mean).mean(axes)  # two passes: no E[x^2]-E[x]^2 cancellation
+            m = self.momentum
+            self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
+            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+        else:
+            mean, var = self.mean[...], self.var[...]
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+        return y.astype(x.dtype)
