@@ -5,9 +5,11 @@ documents, which keys are real, which key index each query sits at), so each imp
 only what it needs:
 
 - `xla`: the plain computation (a B×T×S mask, float32 logits, softmax); the reference.
-- `chunked`: flash-style, in float32, over blocks of queries and keys with an online softmax and
-  its own backward pass (each block recomputed from the saved log-sum-exp): the T×S scores never
-  exist whole, and causal blocks above the diagonal are skipped. On CPU the blocks are cache-sized.
+- `chunked`: blocks of scores within a budget (cache-sized on CPU). Rows that fit one block take
+  xla's computation over chunks of rows, recomputed in the backward pass; longer rows go
+  flash-style, in float32, over blocks of queries and keys with an online softmax and its own
+  backward pass (each block recomputed from the saved log-sum-exp): the T×S scores never exist
+  whole, and blocks above the causal diagonal or between different documents are skipped.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPUs, bfloat16.
 - `splash`: the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu`): TPUs.
 
