@@ -31,13 +31,16 @@ TOL = dict(atol=1e-5, rtol=1e-5)
 
 def batch(seed, *, B=4, T=80, N=4, K=4, H=8, causal=False, segments=False, padding=False,
           gathered=0):
-    """q, k, v and a mask: segment ids of 1-4 packed documents per row, trailing padding of
-    0..T-1 keys per row (some rows keep nothing: their queries have no key), queries gathered at
-    `gathered` random positions."""
+    """q, k, v and a mask: segment ids of 1-4 packed documents per row (or ids in any order),
+    trailing padding of 0..T-1 keys per row (some rows keep nothing: their queries have no key),
+    queries gathered at `gathered` random positions."""
     rng = np.random.default_rng(seed)
     q = jnp.asarray(rng.standard_normal((B, T, N, H)), jnp.float32)
     k, v = (jnp.asarray(rng.standard_normal((B, T, K, H)), jnp.float32) for _ in range(2))
-    seg = jnp.asarray(np.sort(rng.integers(0, 4, (B, T)), 1), jnp.int32) if segments else None
+    seg = rng.integers(0, 4, (B, T))
+    # packed documents are runs of one id (chunked skips blocks of other documents); any ids work
+    seg = jnp.asarray(seg if segments == "shuffled" else np.sort(seg, 1), jnp.int32) \
+        if segments else None
     valid = jnp.asarray(np.arange(T)[None] < rng.integers(0, T, (B, 1))) if padding else None
     mask = AttentionMask(causal, seg, valid)
     if gathered:
@@ -70,6 +73,7 @@ CASES = {
     "gqa_causal_packed_padded": dict(K=2, causal=True, segments=True, padding=True),
     "gathered_queries_padded": dict(padding=True, gathered=5),  # BERT's last layer
     "gathered_queries_causal_packed": dict(K=2, causal=True, segments=True, gathered=7),
+    "bidirectional_shuffled_segments_padded": dict(segments="shuffled", padding=True),
 }
 
 
@@ -116,6 +120,21 @@ def test_chunked_blocks_change_nothing(monkeypatch, T):
     monkeypatch.setattr(attention, "_CPU_CHUNK_BYTES", 2 * 4 * T * T * 4)
     assert attention._block_sizes(4, T, T, 4, "cpu") == (2, T, T)
     assert_same(outputs_and_grads("chunked", q, k, v, mask, 0.2), want)
+
+
+def test_blocks_of_other_documents_are_skipped():
+    """Query and key blocks without a segment id in common are skipped (the results above show
+    the skipping changes nothing); ids in any order are compared by range, not by position."""
+    seg = jnp.asarray([[0] * 64 + [1] * 64 + [2] * 128], jnp.int32)
+    overlap = attention._segment_overlap(seg, seg, 64, 64)
+    needed = np.array([[bool(overlap(i, j)) for j in range(4)] for i in range(4)])
+    np.testing.assert_array_equal(needed, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]])
+    # rows of a chunk share the decision: a block is skipped only if it is masked in every row
+    two = jnp.concatenate([seg, jnp.asarray([[0] * 128 + [1] * 128], jnp.int32)])
+    overlap = attention._segment_overlap(two, two, 64, 64)
+    assert bool(overlap(1, 0)) and not bool(overlap(0, 2))
+    shuffled = jnp.asarray([[0, 2] * 64, [1, 1] * 64], jnp.int32)
+    assert bool(attention._segment_overlap(shuffled, shuffled, 64, 64)(0, 1))
 
 
 def test_cudnn_arguments_give_xla_results(monkeypatch):

@@ -5,9 +5,11 @@ documents, which keys are real, which key index each query sits at), so each imp
 only what it needs:
 
 - `xla`: the plain computation (a B×T×S mask, float32 logits, softmax); the reference.
-- `chunked`: flash-style, in float32, over blocks of queries and keys with an online softmax and
-  its own backward pass (each block recomputed from the saved log-sum-exp): the T×S scores never
-  exist whole, and causal blocks above the diagonal are skipped. On CPU the blocks are cache-sized.
+- `chunked`: blocks of scores within a budget (cache-sized on CPU). Rows that fit one block take
+  xla's computation over chunks of rows, recomputed in the backward pass; longer rows go
+  flash-style, in float32, over blocks of queries and keys with an online softmax and its own
+  backward pass (each block recomputed from the saved log-sum-exp): the T×S scores never exist
+  whole, and blocks above the causal diagonal or between different documents are skipped.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPUs, bfloat16.
 - `splash`: the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu`): TPUs.
 
@@ -374,6 +376,9 @@ def _chunked(q, k, v, mask: AttentionMask, seeds, b_off, n_off, n_total: int, *,
     Tp, Sp = _round_up(T, tq), _round_up(S, sk)
     pad = lambda x, n, value=0: x if x.shape[1] == n else jnp.pad(
         x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=value)
+    # segment ids repeat their last: padding widens no block's range of segments
+    pad_edge = lambda x, n: x if x.shape[1] == n else jnp.pad(x, [(0, 0), (0, n - x.shape[1])],
+                                                              mode="edge")
     q = pad(q * jnp.asarray(H ** -0.5, q.dtype), Tp)
     k, v = pad(k, Sp), pad(v, Sp)
     gathered = mask.query_index is not None
@@ -382,9 +387,9 @@ def _chunked(q, k, v, mask: AttentionMask, seeds, b_off, n_off, n_total: int, *,
     else:
         q_index = jnp.broadcast_to(jnp.arange(Tp, dtype=jnp.int32), (B, Tp))
     q_seg = mask.query_segment_ids()
-    q_seg = None if q_seg is None else pad(jnp.broadcast_to(q_seg, (B, T)), Tp)
+    q_seg = None if q_seg is None else pad_edge(jnp.broadcast_to(q_seg, (B, T)), Tp)
     every_row = lambda x: None if x is None else jnp.broadcast_to(x, (B, S))
-    k_seg = None if mask.segment_ids is None else pad(every_row(mask.segment_ids), Sp)
+    k_seg = None if mask.segment_ids is None else pad_edge(every_row(mask.segment_ids), Sp)
     valid = every_row(mask.valid)
     if Sp > S:  # padded keys are not real
         valid = jnp.ones((B, S), bool) if valid is None else valid
@@ -475,6 +480,27 @@ def _q_start(blocks: _Blocks, j):
     return (j * blocks.sk) // blocks.tq
 
 
+def _segment_overlap(q_seg, k_seg, tq: int, sk: int):
+    """`overlap(i, j)`: whether query block i and key block j share a segment id range (no
+    overlap: every pair is masked, the block is skipped). Packed documents mask most blocks of
+    long rows: with documents of T/4 tokens, 3 of every 4 below the diagonal. None without
+    segment ids."""
+    if q_seg is None:
+        return None
+    R = q_seg.shape[0]
+    per_block = lambda x, n: x.reshape(R, -1, n)
+    q_lo, q_hi = per_block(q_seg, tq).min((0, 2)), per_block(q_seg, tq).max((0, 2))
+    k_lo, k_hi = per_block(k_seg, sk).min((0, 2)), per_block(k_seg, sk).max((0, 2))
+    return lambda i, j: (k_hi[j] >= q_lo[i]) & (k_lo[j] <= q_hi[i])
+
+
+def _skipping(body, needed):
+    """`body(j, carry)` where `needed(j)`, else the carry unchanged."""
+    if needed is None:
+        return body
+    return lambda j, carry: jax.lax.cond(needed(j), body, lambda j, carry: carry, j, carry)
+
+
 def _slice(x, start, size, axis):
     return None if x is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
@@ -519,6 +545,7 @@ def _forward_rows(blocks: _Blocks, b0, n_off, seeds, q, k, v, q_index, q_seg, k_
     tq, sk = blocks.tq, blocks.sk
     nq, nk = Tp // tq, k.shape[2] // sk
     b_R, n_N = b0 + jnp.arange(R), n_off + jnp.arange(N)
+    overlap = _segment_overlap(q_seg, k_seg, tq, sk)
 
     def q_block(i):
         qi = _slice(q, i * tq, tq, 2)
@@ -543,7 +570,8 @@ def _forward_rows(blocks: _Blocks, b0, n_off, seeds, q, k, v, q_index, q_seg, k_
             return m_new, l, acc * corr[..., None] + pv
 
         init = (jnp.full((R, N, tq), -jnp.inf), jnp.zeros((R, N, tq)), jnp.zeros((R, N, tq, H)))
-        m, l, acc = _loop(0, _kv_end(blocks, i, nk), kv_step, init)
+        needed = None if overlap is None else functools.partial(overlap, i)
+        m, l, acc = _loop(0, _kv_end(blocks, i, nk), _skipping(kv_step, needed), init)
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]
         lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), 0.0)
         return out.astype(q.dtype), lse
@@ -565,6 +593,7 @@ def _backward_rows(blocks: _Blocks, b0, n_off, seeds, q, k, v, q_index, q_seg, k
     b_R, n_N = b0 + jnp.arange(R), n_off + jnp.arange(N)
     # rowsum(dO * O) = rowsum(dP * P) of softmax's backward pass, dropout included
     delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1)
+    overlap = _segment_overlap(q_seg, k_seg, tq, sk)
 
     def kv_block(dq, j):
         kj, vj = _slice(k, j * sk, sk, 2), _slice(v, j * sk, sk, 2)
@@ -591,7 +620,8 @@ def _backward_rows(blocks: _Blocks, b0, n_off, seeds, q, k, v, q_index, q_seg, k
             return dq, dk + _ptx(ds, qi, K), dv
 
         zeros = jnp.zeros((R, K, sk, H), jnp.float32)
-        dq, dk, dv = _loop(_q_start(blocks, j), nq, q_step, (dq, zeros, zeros))
+        needed = None if overlap is None else (lambda i: overlap(i, j))
+        dq, dk, dv = _loop(_q_start(blocks, j), nq, _skipping(q_step, needed), (dq, zeros, zeros))
         return dq, (dk, dv)
 
     dq0 = jnp.zeros(q.shape, jnp.float32)
