@@ -31,6 +31,7 @@ from bigjax import perf
 from bigjax.config import Config
 from bigjax.errors import ConfigError
 from bigjax.mesh import MESH_AXES
+from bigjax.models.lm_head import chunk_size
 from bigjax.optim import make_optimizer
 from bigjax.state import TrainState, count_params, model_spec, state_shardings
 from bigjax.tasks import num_predictions
@@ -116,8 +117,8 @@ def activation_bytes(cfg: Config, mesh_shape: dict[str, int]) -> float | None:
     per head and key position), and the MLP's hidden activations (SwiGLU 3 F: up, gate, product;
     GELU and ReLU 2 F). `model.remat=full` keeps each layer's input only (D); `dots` also the
     outputs of the weight matmuls; both add one layer's full set, recomputed in the backward pass.
-    The output layer adds the logits in float32 (their gradient takes their place) at the
-    positions a head reads. Heads, MLP and vocabulary are split over the tensor axis (though XLA
+    The output layer adds the float32 logits at the positions a head reads, or of one chunk of
+    them (`model.loss_chunk`, see `_logits_bytes`). Heads, MLP and vocabulary are split over the tensor axis (though XLA
     keeps about half of them whole), the residual stream is not. The coefficients were fitted to
     XLA's buffer assignment (tests/test_plan.py).
     """
@@ -147,8 +148,20 @@ def activation_bytes(cfg: Config, mesh_shape: dict[str, int]) -> float | None:
     else:
         kept = layer
     per_token = L * kept + (layer if remat != "none" else 0)
-    per_token += norm + s * D + _head_share(cfg) * 4 * V / t
-    return per_token * micro_batch_per_device(cfg, mesh_shape) * T
+    per_token += norm + s * D
+    micro = micro_batch_per_device(cfg, mesh_shape)
+    return micro * (per_token * T + _logits_bytes(cfg, cast) * V / t)
+
+
+def _logits_bytes(cfg: Config, cast: int) -> float:
+    """Bytes per vocabulary entry of one sequence's logits that exist at once. All at once: float32
+    at every position a head reads, their gradient taking their place. In chunks of
+    `model.loss_chunk` positions (models/lm_head.py): one chunk's float32 logits and their
+    gradient in the compute dtype, computed before the next chunk's logits."""
+    T, chunk = cfg.train.seq_len, getattr(cfg.model, "loss_chunk", 0)
+    if cfg.task.name == "causal_lm" and 0 < chunk < T:
+        return chunk_size(T, chunk)[0] * (4 + cast)
+    return _head_share(cfg) * T * 4
 
 
 @dataclass
@@ -219,6 +232,11 @@ class Planner:
                 act += 0 if scan else whole
             else:
                 act += whole / n_layers
+        m = cfg.model
+        if cfg.task.name == "causal_lm" and hasattr(m, "vocab_size") and hasattr(m, "d_model"):
+            # the loss accumulates the output weight's float32 gradient apart from the parameter
+            # gradient that it then joins (models/lm_head.py), sharded like the weight
+            act += params * m.vocab_size * m.d_model / max(self.n_params, 1)
         model_state = bytes_per_device(abstract.model_state, sh.model_state)
         return Memory(params + model_state, params * copies, opt, act)
 

@@ -19,7 +19,8 @@ from bigjax import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = ["local.sh", "tpu_pod.sh", "slurm.sbatch"]
+SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "bench/gpu.sh",
+           "scripts/setup.sh", "scripts/test.sh"]
 CLUSTER_VARS = [
     "BIGJAX_COORDINATOR", "BIGJAX_NUM_PROCESSES", "BIGJAX_PROCESS_ID", "BIGJAX_COORDINATOR_PORT",
     "JAX_COORDINATOR_PORT", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
@@ -49,7 +50,7 @@ def shellcheck() -> str:
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_scripts_parse_and_pass_shellcheck(script):
-    path = os.path.join(LAUNCH, script)
+    path = os.path.join(ROOT, script)
     assert os.access(path, os.X_OK), f"{script} is not executable"
     subprocess.run(["bash", "-n", path], check=True)
     out = subprocess.run([shellcheck(), "-s", "bash", path], capture_output=True, text=True)

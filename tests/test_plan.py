@@ -30,6 +30,8 @@ BASE = ["model.vocab_size=2048", "model.d_model=256", "model.n_heads=4", "model.
     ("gpt_tiny", ["train.grad_accum=2", "optimizer.clip_norm=0"]),  # 0.913
     ("bert_mini_mlm", ["mesh.data=2", "mesh.fsdp=4"]),  # 1.022
     ("bert_mini_sentiment", ["task.num_labels=3"]),  # 1.047
+    ("gpt_tiny", ["model.vocab_size=16384", "model.loss_chunk=16", "model.dtype=bfloat16",
+                  "mesh.data=2", "mesh.fsdp=4"]),  # 0.882
 ], ids=lambda x: x if isinstance(x, str) else " ".join(x))
 def test_planned_memory_is_within_20_percent_of_the_compiled_step(config, overrides):
     # The plan for device type cpu (XLA:CPU combines all reduce-scatters of FSDP gradients) and
@@ -44,6 +46,20 @@ def test_planned_memory_is_within_20_percent_of_the_compiled_step(config, overri
     compiled = plan.compiled["argument"] + plan.compiled["temp"]
     assert 0.8 * compiled <= got <= 1.2 * compiled, (got / compiled, plan.memory_bytes_per_device,
                                                      plan.compiled)
+
+
+def test_planned_saving_of_the_chunked_loss_is_the_compiled_one():
+    # A 16k vocabulary in chunks of 16 of the 64 positions: the plan keeps one chunk's logits,
+    # and what that saves must be what XLA saves (a plan that still counted every position's
+    # logits would predict no saving at all).
+    over = BASE + ["model.vocab_size=16384", "mesh.data=8"]
+    plans = [make_plan(load_config("configs/gpt_tiny.yaml", over + [f"model.loss_chunk={c}"]),
+                       8, "cpu", compile=True) for c in (0, 16)]
+    planned = [p.memory_bytes_per_device["total"] for p in plans]
+    compiled = [p.compiled["argument"] + p.compiled["temp"] for p in plans]
+    saved, compiled_saved = planned[0] - planned[1], compiled[0] - compiled[1]
+    assert compiled_saved > 8 * 2**20  # 12.7 MiB: one step's logits less 16/64 of them
+    assert 0.8 * compiled_saved <= saved <= 1.2 * compiled_saved, (saved, compiled_saved)
 
 
 def test_plan_for_more_devices_than_here_as_json(capsys):
