@@ -31,6 +31,7 @@ from bigjax import perf
 from bigjax.config import Config
 from bigjax.errors import ConfigError
 from bigjax.mesh import MESH_AXES
+from bigjax.models import attention
 from bigjax.models.lm_head import chunk_size
 from bigjax.optim import make_optimizer
 from bigjax.state import TrainState, count_params, model_spec, state_shardings
@@ -107,7 +108,26 @@ def _head_share(cfg: Config) -> float:
     return 1.0
 
 
-def activation_bytes(cfg: Config, mesh_shape: dict[str, int]) -> float | None:
+def _backend(device_type: str) -> str:
+    return "cpu" if device_type == "cpu" else "tpu" if device_type.startswith("v") else "gpu"
+
+
+def _keeps_scores(cfg: Config, mesh_shape: dict[str, int], device_type: str) -> bool:
+    m, T = cfg.model, cfg.train.seq_len
+    N = max(1, m.n_heads // mesh_shape["tensor"])
+    B = max(1, int(micro_batch_per_device(cfg, mesh_shape)))
+    needs = attention.Needs(causal=cfg.task.name == "causal_lm",
+                            segments=cfg.task.name == "causal_lm",
+                            dropout=getattr(m, "attention_rate", 0) > 0,
+                            dtype=getattr(m, "dtype", "float32"),
+                            head_dim=getattr(m, "head_dim", 0) or m.d_model // m.n_heads,
+                            long=T * T >= attention._LONG)
+    return attention.keeps_scores(getattr(m, "attention", "xla"), _backend(device_type), needs,
+                                  B, T, T, N)
+
+
+def activation_bytes(cfg: Config, mesh_shape: dict[str, int],
+                     device_type: str = "cpu") -> float | None:
     """Bytes per device that the train step keeps for the backward pass of one micro-batch, with
     its working set, for Transformer families (None for a model without d_model, n_layers, ...).
 
@@ -136,7 +156,8 @@ def activation_bytes(cfg: Config, mesh_shape: dict[str, int]) -> float | None:
     kind = getattr(m, "mlp", "gelu")
     cast = s if s < 4 else 0
     norm = 4 * D + D * cast
-    scores = N * T * (8 + cast) / t
+    # probabilities per head and key (float32 and the cast), or a flash kernel's log-sum-exp
+    scores = N * T * (8 + cast) / t if _keeps_scores(cfg, mesh_shape, device_type) else 4 * N / t
     hidden = (3 if kind == "swiglu" else 2) * F / t
     layer = s * 2 * D + 2 * norm + s * (2 * N * H + 2 * K * H) / t + scores + s * hidden
     remat = getattr(m, "remat", "none")
@@ -216,7 +237,7 @@ class Planner:
         # gradient buffers: the gradient, the running sum of micro-batches, and with scanned
         # layers the stacked gradient that the scan's backward loop fills beside the final one
         copies = 1 + (cfg.train.grad_accum > 1) + scan
-        act = activation_bytes(cfg, mesh_shape)
+        act = activation_bytes(cfg, mesh_shape, self.device_type or "cpu")
         act = 0.0 if act is None else act
         if mesh_shape["fsdp"] > 1:
             # FSDP gathers each weight whole (over fsdp) for its matmuls and computes its gradient

@@ -19,19 +19,23 @@ BASE = ["model.vocab_size=2048", "model.d_model=256", "model.n_heads=4", "model.
 
 
 @pytest.mark.parametrize("config, overrides", [
-    ("gpt_tiny", ["mesh.data=8"]),  # plan / compiled: 0.975
-    ("gpt_tiny", ["mesh.data=1", "mesh.fsdp=8"]),  # 1.087
-    ("gpt_tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),  # 0.975
-    ("gpt_tiny", ["model.remat=full", "model.scan_layers=true"]),  # 1.076
+    ("gpt_tiny", ["mesh.data=8"]),  # plan / compiled: 1.015
+    ("gpt_tiny", ["mesh.data=1", "mesh.fsdp=8"]),  # 1.096
+    ("gpt_tiny", ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]),  # 0.986
+    ("gpt_tiny", ["model.remat=full", "model.scan_layers=true"]),  # 1.098
     ("gpt_tiny", ["model.remat=full", "model.scan_layers=true", "mesh.data=2",
-                  "mesh.fsdp=4"]),  # 1.124
-    ("gpt_tiny", ["model.scan_layers=true"]),  # 0.976
-    ("gpt_tiny", ["model.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=4"]),  # 1.080
-    ("gpt_tiny", ["train.grad_accum=2", "optimizer.clip_norm=0"]),  # 0.913
-    ("bert_mini_mlm", ["mesh.data=2", "mesh.fsdp=4"]),  # 1.022
+                  "mesh.fsdp=4"]),  # 1.140
+    ("gpt_tiny", ["model.scan_layers=true"]),  # 0.994
+    ("gpt_tiny", ["model.dtype=bfloat16", "mesh.data=2", "mesh.fsdp=4"]),  # 1.151
+    ("gpt_tiny", ["train.grad_accum=2", "optimizer.clip_norm=0"]),  # 0.931
+    ("bert_mini_mlm", ["mesh.data=2", "mesh.fsdp=4"]),  # 1.037
     ("bert_mini_sentiment", ["task.num_labels=3"]),  # 1.047
     ("gpt_tiny", ["model.vocab_size=16384", "model.loss_chunk=16", "model.dtype=bfloat16",
                   "mesh.data=2", "mesh.fsdp=4"]),  # 0.882
+    # 512 positions: chunked attention goes flash-style and keeps no probabilities (0.838; the
+    # plan that still counted them was 1.06 here, and XLA's attention is 1.006)
+    ("gpt_tiny", ["train.seq_len=512", "model.max_seq_len=512", "train.batch_size=8",
+                  "mesh.data=8"]),
 ], ids=lambda x: x if isinstance(x, str) else " ".join(x))
 def test_planned_memory_is_within_20_percent_of_the_compiled_step(config, overrides):
     # The plan for device type cpu (XLA:CPU combines all reduce-scatters of FSDP gradients) and

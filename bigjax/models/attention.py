@@ -171,6 +171,18 @@ def choose(implementation: str, needs: Needs, backend: str) -> str:
     return "chunked" if backend == "cpu" or needs.long else "xla"
 
 
+def keeps_scores(implementation: str, backend: str, needs: Needs, B: int, T: int, S: int,
+                 N: int) -> bool:
+    """Whether the call that `implementation` serves with B rows, T queries, S keys and N heads
+    (per device) holds B×N×T×S probabilities for its backward pass (planning memory): xla's and
+    chunked's whole rows do (or blocks of them as large), flash-style blocks and fused kernels keep
+    only a log-sum-exp per query."""
+    chosen = choose(implementation, needs, backend)
+    if chosen == "chunked":
+        return _block_sizes(B, T, S, N, backend)[1:] == (T, S)
+    return chosen == "xla"
+
+
 def describe(q_BTNH: jax.Array, k_BSKH: jax.Array, mask: AttentionMask, dropout: bool) -> Needs:
     T, S = q_BTNH.shape[1], k_BSKH.shape[1]
     return Needs(causal=mask.causal, segments=mask.segment_ids is not None,
