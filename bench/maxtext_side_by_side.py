@@ -1,0 +1,81 @@
+"""bigjax and MaxText training the same decoder on this CPU, alternately, in one run.
+
+The decoder of the compute issue: d_model 256, 4 layers, 4 heads of 64, SwiGLU MLP 1,024,
+vocabulary 32,000 (untied output layer, as MaxText's default), sequence 256, batch 4, float32, on
+one CPU device; with full remat (MaxText's default) and with the least each system has (bigjax
+`model.remat=none`; MaxText `remat_policy=minimal`, the fastest of its policies, which still
+recomputes elementwise work). MaxText 0.2.5 runs through `../shared/peers/maxtext_cpu.sh`
+(Python >= 3.12 from pyenv; it installs itself into a temporary venv on first use), bigjax
+through `bigjax bench`; each round runs both once per setting, and the tables give medians over
+rounds of each system's median step and their ratio.
+
+    .venv/bin/python bench/maxtext_side_by_side.py --rounds 3 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIGJAX = ["model.vocab_size=32000", "model.d_model=256", "model.n_layers=4", "model.n_heads=4",
+          "model.head_dim=64", "model.d_ff=1024", "model.mlp=swiglu", "model.tie_embeddings=false",
+          "model.max_seq_len=256", "train.seq_len=256", "train.batch_size=4",
+          "model.dtype=float32", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1"]
+SETTINGS = {"remat full": ("model.remat=full", "remat_policy=full"),
+            "least remat": ("model.remat=none", "remat_policy=minimal")}
+MT_LINE = re.compile(r"completed step: (\d+), seconds: ([0-9.]+), .*Tokens/s/device: ([0-9.]+)")
+
+
+def bigjax_tokens_per_s(remat: str, steps: int) -> float:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one device, as MaxText's run
+    out = subprocess.run([sys.executable, "-m", "bigjax.cli", "bench", "configs/gpt_tiny.yaml",
+                          *BIGJAX, remat, "--steps", str(steps), "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
+
+
+def maxtext_tokens_per_s(script: str, remat: str, steps: int) -> float:
+    """Median tokens/s over MaxText's logged steps after the first two (compile, warm-up)."""
+    out = subprocess.run(["bash", script, f"steps={steps + 2}", "dtype=float32",
+                          "weight_dtype=float32", remat], capture_output=True, text=True)
+    rates = [float(m.group(3)) for m in MT_LINE.finditer(out.stdout + out.stderr)
+             if int(m.group(1)) >= 2]
+    if out.returncode or not rates:
+        tail = (out.stdout + out.stderr).strip().splitlines()[-5:]
+        raise SystemExit(f"maxtext_side_by_side: MaxText failed (exit {out.returncode}): "
+                         + " | ".join(tail))
+    return statistics.median(rates)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--maxtext", default=os.path.join(ROOT, "..", "shared", "peers",
+                                                      "maxtext_cpu.sh"))
+    args = ap.parse_args()
+    results: dict[str, dict[str, list[float]]] = {s: {"bigjax": [], "maxtext": []}
+                                                  for s in SETTINGS}
+    for r in range(args.rounds):
+        for name, (ours, theirs) in SETTINGS.items():
+            results[name]["bigjax"].append(bigjax_tokens_per_s(ours, args.steps))
+            results[name]["maxtext"].append(maxtext_tokens_per_s(args.maxtext, theirs, args.steps))
+            print(f"round {r + 1} {name}: bigjax {results[name]['bigjax'][-1]:,.0f} tokens/s, "
+                  f"MaxText {results[name]['maxtext'][-1]:,.0f}", flush=True)
+    print("| setting | bigjax tokens/s | MaxText tokens/s | ratio (median of rounds) |")
+    print("|---|---|---|---|")
+    for name, res in results.items():
+        ratio = statistics.median(b / m for b, m in zip(res["bigjax"], res["maxtext"]))
+        print(f"| {name} | {statistics.median(res['bigjax']):,.0f} | "
+              f"{statistics.median(res['maxtext']):,.0f} | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
