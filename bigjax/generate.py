@@ -11,6 +11,7 @@ prompt length or `max_new_tokens` within a bucket reuses the compiled loop.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import io_callback
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bigjax import mesh as mesh_lib
 from bigjax.errors import ConfigError
@@ -141,6 +142,39 @@ class Generator:
         self._compiled: dict[tuple, Callable] = {}
         self._on_token: Callable | None = None
 
+    @classmethod
+    def from_components(cls, parts, params, model_state, tokenizer=None) -> "Generator":
+        """For a built run (`bigjax.build`) and its parameters (a Trainer's state)."""
+        cfg = parts.cfg
+        return cls(parts.spec.graphdef, params, model_state,
+                   param_shardings=parts.shardings.params, mesh=parts.mesh,
+                   rules=cfg.sharding.rules, tokenizer=tokenizer, model_name=cfg.model.name,
+                   max_seq_len=getattr(cfg.model, "max_seq_len", 1 << 30))
+
+    @classmethod
+    def from_hf(cls, hf_dir: str, mesh: Mesh | None = None,
+                overrides: dict[str, Any] | None = None) -> "Generator":
+        """For a Hugging Face checkpoint dir (config.json, model.safetensors and, for text, its
+        tokenizer files), on `mesh` (default: every device on the data axis). `overrides`:
+        config keys, e.g. {"model.dtype": "bfloat16"}."""
+        from bigjax import hf
+        from bigjax.build import build
+        from bigjax.config import updated
+        from bigjax.data.tokenizer import load_tokenizer
+        cfg = hf.model_config_for(hf_dir)
+        if overrides:
+            cfg = updated(cfg, overrides)
+        if mesh is None:
+            mesh = mesh_lib.make_mesh(cfg.mesh)
+        parts = build(updated(cfg, {"train.batch_size": mesh.size}), mesh)
+        params = jax.device_put(hf.load_params(hf_dir, cfg), parts.shardings.params)
+        model_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+                                   parts.abstract.model_state)
+        has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f))
+                            for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        return cls.from_components(parts, params, model_state,
+                                   load_tokenizer(hf_dir) if has_tokenizer else None)
+
     # ---- token ids ---------------------------------------------------------------------------
     def _executable(self, key: tuple, args: tuple) -> Callable:
         """The loop compiled for one bucket (rows, prompt width, new tokens) and setting; the
@@ -218,6 +252,10 @@ class Generator:
         if not len(prompts):
             raise ConfigError("generate needs at least one prompt (got an empty list)")
         tok = self.tokenizer
+        if tok is None:
+            raise ConfigError("this model has no tokenizer (no tokenizer.json, "
+                              "tokenizer_config.json or vocab.json next to its weights): give "
+                              "token ids to generate_ids instead of text")
         ids = [list(tok(p)["input_ids"]) for p in prompts]
         eos = tok.eos_token_id
         pad = tok.pad_token_id if tok.pad_token_id is not None else (eos if eos is not None else 0)
@@ -283,3 +321,48 @@ class _Streamer:
         if len(text) > self.sent:
             self.write(text[self.sent:])
             self.sent = len(text)
+
+
+SAMPLES = "samples.jsonl"
+
+
+def write_samples(run_dir: str, step: int, samples: Sequence[Completion], tb=None) -> None:
+    """One row per prompt in `run_dir`/samples.jsonl ({"step", "prompt", "completion",
+    "tokens"}) and, given a TensorBoard writer, a text entry per prompt at `step`."""
+    import json
+    with open(os.path.join(run_dir, SAMPLES), "a", encoding="utf-8") as fh:
+        for c in samples:
+            fh.write(json.dumps({"step": step, **c.to_dict()}) + "\n")
+    if tb is not None:
+        for i, c in enumerate(samples):
+            tb.add_text(f"samples/{i}", f"**{c.prompt}**{c.completion}", step)
+        tb.flush()
+
+
+def print_completions(generate: Callable[..., list[Completion]], prompts: Sequence[str], *,
+                      json_lines: bool, **kw) -> None:
+    """What `bigjax generate` prints (process 0): JSON lines, or each prompt and its completion
+    as text, one prompt streamed as it is generated."""
+    import json
+    import sys
+    if not prompts:
+        raise ConfigError("generate needs at least one prompt (give one or more texts after the "
+                          "run dir)")
+    show = jax.process_index() == 0
+    if json_lines:
+        for c in generate(list(prompts), **kw):
+            print(json.dumps(c.to_dict()), flush=True) if show else None
+    elif len(prompts) == 1:
+        out = lambda text: (sys.stdout.write(text), sys.stdout.flush()) if show else None
+        started = []
+
+        def write(text: str) -> None:  # the prompt first, once the input is known to be good
+            if not started:
+                started.append(out(prompts[0]))
+            out(text)
+
+        generate(list(prompts), stream=write, **kw)
+        write("\n")
+    else:
+        for c in generate(list(prompts), **kw):
+            print(f"{c.prompt}{c.completion}\n", flush=True) if show else None
