@@ -81,7 +81,7 @@ def test_cache_is_sized_by_kv_heads_in_the_compute_dtype_and_sharded_on_the_mesh
     mesh = mesh_lib.make_mesh(MeshConfig(data=2, tensor=2), devices=jax.devices()[:4])
     zeros = jax.jit(with_activation_sharding(
         lambda: KVCache.zeros(3, 4, 24, 2, 8, jnp.bfloat16), mesh, DEFAULT_RULES))()
-    assert zeros.k.sharding.spec == P(None, "data", None, "tensor", None)  # rows, kv heads
+    assert tuple(zeros.k.sharding.spec)[:4] == (None, "data", None, "tensor")  # rows, kv heads
 
 
 def test_buckets_are_powers_of_two():
@@ -183,23 +183,27 @@ CRITICAL = {2: 13.82, 3: 16.27, 5: 20.52}
 LOGITS = np.log(np.array([0.30, 0.25, 0.20, 0.12, 0.08, 0.05]))
 
 
-@pytest.mark.parametrize("sampling,expected", [
+CASES = [  # (sampling, the distribution it must draw from)
     (Sampling(temperature=1.0), [0.30, 0.25, 0.20, 0.12, 0.08, 0.05]),
-    (Sampling(temperature=1.0, top_k=3), np.array([0.30, 0.25, 0.20, 0, 0, 0]) / 0.75),
+    (Sampling(temperature=1.0, top_k=3), [0.30, 0.25, 0.20, 0, 0, 0]),
     # 0.30 + 0.25 + 0.20 = 0.75 reaches 0.7: the next token is the first one left out
-    (Sampling(temperature=1.0, top_p=0.7), np.array([0.30, 0.25, 0.20, 0, 0, 0]) / 0.75),
+    (Sampling(temperature=1.0, top_p=0.7), [0.30, 0.25, 0.20, 0, 0, 0]),
     (Sampling(temperature=0.5), np.array([0.30, 0.25, 0.20, 0.12, 0.08, 0.05]) ** 2),
-], ids=["t1", "top_k3", "top_p0.7", "t0.5"])
-def test_next_token_distribution_matches_the_softmax(sampling, expected):
+]
+
+
+def test_next_token_distribution_matches_the_softmax():
+    """20000 draws from the same logits per setting (one compile for all of them)."""
     n = 20000
-    expected = np.asarray(expected) / np.sum(expected)
-    draws = jax.jit(lambda l: next_token(l, jax.random.key(7), sampling))(
-        jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, 6)))
-    counts = np.bincount(np.asarray(draws), minlength=6)
-    kept = expected > 0
-    assert (counts[~kept] == 0).all()  # filtered tokens never drawn
-    chi2 = float((((counts - n * expected) ** 2)[kept] / (n * expected[kept])).sum())
-    assert chi2 < CRITICAL[int(kept.sum()) - 1], (counts, chi2)
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, 6))
+    draws = jax.jit(lambda l: [next_token(l, jax.random.key(7), s) for s, _ in CASES])(logits)
+    for (sampling, expected), got in zip(CASES, draws):
+        expected = np.asarray(expected) / np.sum(expected)
+        counts = np.bincount(np.asarray(got), minlength=6)
+        kept = expected > 0
+        assert (counts[~kept] == 0).all(), sampling  # filtered tokens never drawn
+        chi2 = float((((counts - n * expected) ** 2)[kept] / (n * expected[kept])).sum())
+        assert chi2 < CRITICAL[int(kept.sum()) - 1], (sampling, counts, chi2)
 
 
 # ---- a mesh -------------------------------------------------------------------------------------
@@ -235,7 +239,7 @@ def test_cli_json_lines_and_streaming_equal_hugging_face(gpt2_dir, capsys):
     ([], "generate needs at least one prompt"),
     (["x" * 200, "--max-new-tokens", "8"], "at most 24 prompt tokens fit"),
     (["hi", "--top-p", "0"], r"top_p must be in \(0, 1\]"),
-    (["hi", "--top-p", "1.5"], r"top_p must be in \(0, 1\], got 1.5"),
+    (["hi", "--top-p", "1.5"], r"top_p must be in \(0, 1\] \(1 = off\), got 1.5"),
     (["hi", "--temperature", "-1"], "temperature must be >= 0"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(gpt2_dir, capsys, args, message):
