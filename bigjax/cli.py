@@ -57,6 +57,19 @@ model.vocab_size): compile time, median/min/max step time, tokens/s, TFLOP/s, MF
 """
 
 
+GENERATE_HELP = """\
+Complete prompts with a decoder: a run dir (its latest checkpoint) or hf:DIR (a Hugging Face
+GPT-2 or LLaMA-style checkpoint with its tokenizer). Greedy at temperature 0, else sampled.
+
+  bigjax generate runs/gpt_tiny "def parse(" --max-new-tokens 40
+  bigjax generate hf:models/gpt2 "Once upon a time" "The capital of France" --temperature 0.8 \\
+    --top-p 0.95 --seed 1 --stop "\\n\\n" --json
+
+One prompt streams to the terminal as it is generated; --json prints one object per prompt
+({"prompt", "completion", "tokens"}), in order.
+"""
+
+
 def _command(sub, name: str, help: str, description: str) -> argparse.ArgumentParser:
     """A subcommand whose description keeps its line breaks (its examples)."""
     return sub.add_parser(name, help=help, description=description,
@@ -86,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                   "runs/minilm_sentiment \"I love this movie!\" \"What a waste of time.\"")
     pr.add_argument("run_dir", help="run directory of a classification run")
     pr.add_argument("texts", nargs="+", help="texts to classify")
+    _generate_parser(sub)
     ck = sub.add_parser("checkpoints", help="list the checkpoints of a run",
                         description="List a run's checkpoints: step, commit time, size, the "
                                     "metrics saved with it, complete or not.")
@@ -97,6 +111,21 @@ def _parser() -> argparse.ArgumentParser:
     _data_parsers(sub)
     _perf_parsers(sub)
     return p
+
+
+def _generate_parser(sub) -> None:
+    ge = _command(sub, "generate", "complete prompts with a decoder (run dir or hf:DIR)",
+                  GENERATE_HELP)
+    ge.add_argument("source", help="run directory, or hf:DIR for a Hugging Face checkpoint")
+    ge.add_argument("prompts", nargs="*", help="prompts to complete")
+    ge.add_argument("--max-new-tokens", type=int, default=64, help="tokens to add (64)")
+    ge.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (0)")
+    ge.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0 = all)")
+    ge.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = all)")
+    ge.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    ge.add_argument("--stop", action="append", default=[], help="stop before this text "
+                    "(repeatable)")
+    ge.add_argument("--json", action="store_true", help="one JSON object per prompt")
 
 
 def _perf_parsers(sub) -> None:
@@ -181,6 +210,19 @@ def _predict(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from bigjax.generate import Generator, print_completions
+    if args.source.startswith("hf:"):
+        generate = Generator.from_hf(args.source[3:]).generate
+    else:
+        from bigjax.trainer import Trainer
+        generate = Trainer.from_run(args.source).generate
+    print_completions(generate, args.prompts, json_lines=args.json,
+                      max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    return 0
+
+
 def _convert(args) -> int:
     from bigjax.hf import convert
     if args.direction == "hf-to-bigjax":
@@ -255,7 +297,7 @@ def _bench(args) -> int:
 
 COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints,
             "eval": _eval, "predict": _predict, "convert": _convert, "plan": _plan,
-            "bench": _bench}
+            "bench": _bench, "generate": _generate}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -81,6 +81,10 @@ class TrainConfig:
     eval_batches: int = 0  # 0 = the whole validation split
     peak_tflops: float = 0.0  # per device, for MFU; 0 = measure a matmul at start-up
     progress: bool = True
+    # decoders: greedy completions of these prompts at every evaluation, written to
+    # samples.jsonl in the run dir and to TensorBoard (README "Generation")
+    sample_prompts: list[str] = field(default_factory=list)
+    sample_new_tokens: int = 32
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,7 @@ def validate(cfg: Config) -> None:
     require_positive({
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
         "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
+        "train.sample_new_tokens": t.sample_new_tokens,
         "checkpoint.keep": cfg.checkpoint.keep, "distributed.timeout_s": cfg.distributed.timeout_s,
         "checkpoint.keep_best": cfg.checkpoint.keep_best,
     })

@@ -180,6 +180,22 @@ class Trainer:
                              multiple=mesh_lib.batch_divisor(self.cfg.sharding.rules, self.mesh),
                              batch_sharding=self.parts.batch_sharding)
 
+    def generate(self, prompts: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = (),
+                 stream=None) -> list:
+        """Completions of a decoder run (bigjax/generate.py: `Completion` per prompt, in order):
+        greedy at temperature 0, else sampled; `stream(text)` gets one prompt's text as it
+        comes. Compiled once per bucket of prompt and output lengths."""
+        from bigjax.generate import Generator
+        state = self.init_state()
+        if getattr(self, "_generator", None) is None:
+            self._generator = Generator.from_components(self.parts, state.params,
+                                                        state.model_state, self._tokenizer())
+        # training donates the state every step: the generator reads the current one
+        self._generator.params, self._generator.model_state = state.params, state.model_state
+        return self._generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed,
+                                        stop, stream)
+
     # ---- training ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
         if self._stop_requested:
@@ -212,6 +228,11 @@ class Trainer:
         shown = metrics if every_metric else {"eval_loss": metrics["eval_loss"]}
         note = f" (partial: {scored} of {total} validation examples)" if partial else ""
         report.message(f"step {step}: " + " ".join(f"{k} {v:.4f}" for k, v in shown.items()) + note)
+        if self.cfg.train.sample_prompts:  # what the model writes so far
+            from bigjax.generate import write_samples
+            samples = self.generate(self.cfg.train.sample_prompts, self.cfg.train.sample_new_tokens)
+            if report.active:
+                write_samples(self.run_dir, step, samples, report.tb)
         return metrics
 
     def train(self) -> dict[str, float]:

@@ -20,7 +20,7 @@ LAYERS = [
     ("data",),
     ("step", "predict"),
     ("resolve", "build"),
-    ("plan", "bench"),
+    ("plan", "bench", "generate"),
     ("checkpoint", "init_from", "report"),
     ("trainer", "hf.convert"),
     ("cli", "__init__"),

@@ -13,7 +13,8 @@ TINY_RUN = ["data.max_chars=150000", "data.vocab_size=384", "train.steps=24", "t
             "model.max_seq_len=32", "train.batch_size=16", "model.d_model=64", "model.d_ff=128",
             "model.n_layers=2", "train.log_every=4", "train.eval_every=12", "train.progress=false",
             "optimizer.lr=0.01", "optimizer.warmup_steps=2", "checkpoint.every=12",
-            "mesh.data=4", "mesh.fsdp=2"]
+            "mesh.data=4", "mesh.fsdp=2", 'train.sample_prompts=["def ", "import"]',
+            "train.sample_new_tokens=4"]
 
 
 @pytest.fixture(scope="module")
@@ -53,3 +54,21 @@ def test_run_dir_holds_config_plot_events_and_checkpoints(finished_run):
 def test_evaluate_repeats_exactly(finished_run):
     _, trainer, final = finished_run
     assert trainer.evaluate() == final
+
+
+def test_samples_at_every_evaluation_equal_generate_from_the_trainer_and_the_cli(finished_run,
+                                                                                 capsys):
+    from bigjax import cli
+    run_dir, trainer, _ = finished_run
+    rows = [json.loads(l) for l in (run_dir / "samples.jsonl").read_text().splitlines()]
+    prompts = ["def ", "import"]
+    assert [(r["step"], r["prompt"]) for r in rows] == [(s, p) for s in (0, 12, 24) for p in prompts]
+    last = [r for r in rows if r["step"] == 24]
+    assert [c.tokens for c in trainer.generate(prompts, max_new_tokens=4)] == \
+        [r["tokens"] for r in last]
+    events = next((run_dir / "tb").glob("events.out.tfevents.*")).read_bytes()
+    assert b"samples/0" in events and b"samples/1" in events
+    # the restored checkpoint writes what the run wrote at its last evaluation
+    assert cli.run(["generate", str(run_dir), "import", "--max-new-tokens", "4", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["tokens"], row["completion"]) == (last[1]["tokens"], last[1]["completion"])

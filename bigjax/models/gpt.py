@@ -16,6 +16,7 @@ from bigjax.errors import ConfigError
 from bigjax.models import attention, layers
 from bigjax.models.attention import AttentionMask
 from bigjax.models.axes import constrain
+from bigjax.models.kv_cache import KVCache
 from bigjax.models.layers import (MLP, Attention, Dense, Embed, Norm, TransformerConfig,
                                   remat_layer, remat_policy)
 from bigjax.models.lm_head import OutputHead
@@ -85,6 +86,13 @@ class Block(nnx.Module):
         x = x + drop(self.attn(self.attn_norm(x), mask, positions, rngs))
         return x + drop(self.mlp(self.mlp_norm(x)))
 
+    def extend(self, x, positions, cache: KVCache, i, index, valid):
+        """`__call__` for new tokens over layer i of a key/value cache (evaluation mode)."""
+        k_cache, v_cache = cache.layer(i)
+        a, k, v = self.attn.extend(self.attn_norm(x), positions, k_cache, v_cache, index, valid)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), cache.write(i, index, k, v)
+
 
 class GPT(nnx.Module):
     """`GPT(GPTConfig(...), nnx.Rngs(0))` builds and runs as a plain Flax module (no mesh)."""
@@ -140,6 +148,41 @@ class GPT(nnx.Module):
     def __call__(self, tokens_BT: jax.Array, **kw) -> jax.Array:
         """Logits B×T×V in float32 (from the matmul: with bfloat16 compute too)."""
         return self.output_head().logits(self.hidden(tokens_BT, **kw))
+
+    # ---- generation: the cache interface of bigjax/models/kv_cache.py -------------------------
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """Zeros for `length` positions of `batch` rows, sized by kv heads (GQA, MQA), in the
+        compute dtype."""
+        c = self.cfg
+        return KVCache.zeros(c.n_layers, batch, length, c.n_kv_heads or c.n_heads,
+                             c.head_dim or c.d_model // c.n_heads, jnp.dtype(c.dtype))
+
+    def extend(self, tokens_BT: jax.Array, cache: KVCache, index: jax.Array,
+               positions_BT: jax.Array, valid_BS: jax.Array) -> tuple[jax.Array, KVCache]:
+        """Float32 logits B×V of each row's last new token, and the cache with the new tokens'
+        keys and values in slots [index, index + T) (bigjax/models/kv_cache.py)."""
+        x = self.embed(tokens_BT)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions_BT)
+        x = constrain(x, ACT)
+        if self.cfg.scan_layers:  # the cache rides in the carry: each layer updates it in place
+            graphdef, stacked = nnx.split(self.layers)
+
+            def body(carry, layer):
+                x, cache = carry
+                state, i = layer
+                x, cache = nnx.merge(graphdef, state).extend(x, positions_BT, cache, i, index,
+                                                             valid_BS)
+                return (constrain(x, ACT), cache), None
+
+            layer_ids = jnp.arange(self.cfg.n_layers, dtype=jnp.int32)
+            (x, cache), _ = jax.lax.scan(body, (x, cache), (stacked, layer_ids))
+        else:
+            for i in range(self.cfg.n_layers):
+                x, cache = getattr(self, f"layer_{i}").extend(x, positions_BT, cache, i, index,
+                                                              valid_BS)
+                x = constrain(x, ACT)
+        return self.output_head().logits(self.final_norm(x[:, -1])), cache
 
 
 def _scan_blocks(blocks: Block, x: jax.Array, call, rngs: nnx.Rngs | None,

@@ -224,6 +224,28 @@ class Attention(nnx.Module):
                             dropout=self.dropout_rate, key=key)
         return self.out(out)
 
+    def extend(self, x_BTD: jax.Array, positions_BT: jax.Array, k_cache_BSKH: jax.Array,
+               v_cache_BSKH: jax.Array, index: jax.Array, valid_BS: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """T new tokens attending over a key/value cache (bigjax/models/kv_cache.py) in which
+        their own keys and values take slots [index, index + T). Returns the output and those
+        new keys and values, which the caller writes into the whole cache."""
+        q, k, v = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
+        if self.rope_theta is not None:
+            q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
+        k, v = k.astype(k_cache_BSKH.dtype), v.astype(v_cache_BSKH.dtype)
+        keys = jax.lax.dynamic_update_slice_in_dim(k_cache_BSKH, k, index, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(v_cache_BSKH, v, index, axis=1)
+        T = x_BTD.shape[1]
+        mask = AttentionMask(causal=True, valid=valid_BS,
+                             query_index=index + jnp.arange(T, dtype=jnp.int32)[None])
+        # one query per row (a decoding step) is a B×N×S dot: the plain computation; fused
+        # kernels take no causal mask on gathered queries, so a prefill gets auto's pick
+        impl = ("xla" if T == 1 else
+                self.implementation if self.implementation in ("xla", "chunked") else "auto")
+        out = dot_attention(q.astype(keys.dtype), keys, values, mask, implementation=impl)
+        return self.out(out), k, v
+
 
 class MLP(nnx.Module):
     def __init__(self, d_model: int, d_ff: int, kind: str, *, use_bias: bool, dtype, std: float,
