@@ -68,6 +68,11 @@ class DataConfig:
     shuffle: bool = True
     workers: int = 0  # grain worker processes; 0 = in the main process
     threads: int = 0  # grain reader threads per process; 0 = grain's default (16)
+    # LM: read, tokenize and pack per process as training goes (file globs, tfds); auto = stream
+    # file globs above 64 MB and tfds splits above 100k records
+    stream: Literal["auto", True, False] = "auto"
+    tokenizer_sample_chars: int = 20_000_000  # streaming: the BPE bigjax trains sees this many chars
+    shuffle_windows: int = 1024  # streaming: windows shuffled together in one seeded block
 
 
 @dataclass(frozen=True)
@@ -426,6 +431,9 @@ def _validate_data(d: DataConfig) -> None:
     for key in ("workers", "threads"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key} must be 0 or more, got {getattr(d, key)}")
+    for key in ("tokenizer_sample_chars", "shuffle_windows"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
     scheme = d.source.split(":", 1)[0] if ":" in d.source else ""
     # a one-letter scheme is a Windows drive, one with "/" a path with a colon in it
     if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds", "sklearn"):

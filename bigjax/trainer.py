@@ -21,8 +21,9 @@ from bigjax import mesh as mesh_lib
 from bigjax.build import build
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
 from bigjax.config import Config, load_config, save_config, to_dict
-from bigjax.data.loader import TrainLoader, eval_batches
+from bigjax.data.loader import eval_batches
 from bigjax.data.pipeline import build_data
+from bigjax.data.stream_loader import make_train_loader
 from bigjax.data.types import Data
 from bigjax.errors import CheckpointError, ConfigError
 from bigjax.perf import flops_per_token, mfu, peak
@@ -221,10 +222,11 @@ class Trainer:
         self.checkpointer.check_writable()  # fail now, not at the first save after hours of steps
         start = int(jax.device_get(state.step))
         save_config(cfg, os.path.join(self.run_dir, "config.yaml")) if jax.process_index() == 0 else None
-        loader = TrainLoader(self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                             sharding=self.parts.batch_sharding, process_index=jax.process_index(),
-                             process_count=jax.process_count(), workers=cfg.data.workers,
-                             threads=cfg.data.threads, prefetch=PREFETCH)
+        loader = make_train_loader(
+            self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+            sharding=self.parts.batch_sharding, process_index=jax.process_index(),
+            process_count=jax.process_count(), workers=cfg.data.workers,
+            threads=cfg.data.threads, prefetch=PREFETCH)
         if self._data_state:
             loader.restore(self._data_state)
         report = Reporter(self.run_dir, t.steps, start, t.progress)

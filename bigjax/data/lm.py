@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 
 from bigjax import distributed
 from bigjax.config import Config
+from bigjax.data.lm_stream import (bounded_texts, sample_shards, split_inputs, stream_source,
+                                   tokenizer_sample, wants_stream)
 from bigjax.data.records import read_texts, split_docs
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
 from bigjax.data.types import Data
@@ -102,8 +104,11 @@ class PaddedDocs:
                 "positions": np.arange(L, dtype=np.int32)}
 
 
-def get_tokenizer(cfg: Config, texts: list[str], run_dir: str):
-    """`data.tokenizer`, else the run's own BPE (trained on `texts` the first time)."""
+def get_tokenizer(cfg: Config, texts: list[str] | Callable[[], Iterable[str]], run_dir: str):
+    """`data.tokenizer`, else the run's own BPE (trained on `texts` the first time; a callable
+    is called only then, so a process that does not train never reads them)."""
+    if callable(texts):
+        texts = _Lazy(texts)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     cached = os.path.join(run_dir, "tokenizer")
@@ -120,6 +125,16 @@ def get_tokenizer(cfg: Config, texts: list[str], run_dir: str):
     return train_bpe(texts, cfg.data.vocab_size, cached)
 
 
+class _Lazy:
+    """Texts read on first iteration (the streaming path's tokenizer sample)."""
+
+    def __init__(self, read: Callable[[], Iterable[str]]):
+        self.read = read
+
+    def __iter__(self):
+        return iter(self.read())
+
+
 def lm_examples(cfg: Config, docs_ids: list[list[int]], tok: Any) -> PackedWindows | PaddedDocs:
     if cfg.data.pack:
         return PackedWindows(TokenStream.from_docs(docs_ids, tok.eos_token_id), cfg.train.seq_len)
@@ -127,7 +142,10 @@ def lm_examples(cfg: Config, docs_ids: list[list[int]], tok: Any) -> PackedWindo
 
 
 def build_lm_data(cfg: Config, run_dir: str) -> Data:
-    """`task.name: causal_lm`: documents -> tokens -> packed (or padded) windows."""
+    """`task.name: causal_lm`: documents -> tokens -> packed (or padded) windows; large file
+    globs and tfds splits stream instead (`data.stream`, bigjax.data.lm_stream)."""
+    if wants_stream(cfg):
+        return build_lm_stream(cfg, run_dir)
     texts, stats = read_texts(cfg, "train")
     val_texts, val_stats = read_texts(cfg, "eval")
     tok = get_tokenizer(cfg, texts, run_dir)
@@ -157,6 +175,35 @@ def build_lm_data(cfg: Config, run_dir: str) -> Data:
     return Data(train=train, eval=val, tokenizer=tok, info=info, sizes={"vocab": len(tok)},
                 summary=f"{len(texts)} training documents in {len(train)} {unit} of "
                         f"{cfg.train.seq_len} tokens")
+
+
+def build_lm_stream(cfg: Config, run_dir: str) -> Data:
+    """The streaming path: the training text is read by the loader's pipeline, per process; here
+    only the corpus is listed, the tokenizer prepared (from a bounded sample) and the held-out
+    evaluation text (at most data.max_chars characters) read and packed."""
+    d = cfg.data
+    files, held, records, held_range = split_inputs(cfg)
+    tok = get_tokenizer(cfg, tokenizer_sample(cfg, files, records), run_dir)
+    train = stream_source(cfg, tok, files, records)
+    train.check_shares(d.source, jax.process_count(), d.workers)  # before anything compiles
+    if d.eval_split:
+        val_texts, _ = read_texts(cfg, "eval")
+    else:
+        val_texts = bounded_texts(cfg, sample_shards(held, held_range), d.max_chars, cfg.seed)
+    ids = tok(list(val_texts), add_special_tokens=False)["input_ids"] if val_texts else []
+    val = lm_examples(cfg, ids, tok)
+    if len(val) == 0:
+        raise DataError(f"data.eval_split / held-out text: too little for "
+                        f"train.seq_len={cfg.train.seq_len} (0 validation windows)")
+    units = (f"{len(files)} files ({sum(train.sizes) / 1e6:.1f} MB)" if files
+             else f"{records} records")
+    info = {"stream": True, "train_files": len(files), "train_records": records,
+            "eval_documents": len(val_texts), "eval_examples": len(val),
+            "tokenizer_sample_chars": d.tokenizer_sample_chars}
+    log.info("data: %s", info)
+    return Data(train=train, eval=val, tokenizer=tok, info=info, sizes={"vocab": len(tok)},
+                summary=f"streaming {units} in windows of {cfg.train.seq_len} tokens, each "
+                        f"process its share")
 
 
 register_data("lm", build_lm_data)

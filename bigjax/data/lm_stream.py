@@ -1,0 +1,183 @@
+"""The streaming LM data path (`data.stream`): which sources take it, how the input is cut into
+per-process shards, the tokenizer's bounded sample and the held-out evaluation text.
+
+Nothing here reads more than a bounded amount: the corpus is listed (file sizes, tfds record
+counts), the tokenizer trains on at most `data.tokenizer_sample_chars` characters and the held-out
+evaluation text is capped at `data.max_chars`; the training text is read by the loader's pipeline.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from bigjax.config import Config
+from bigjax.data.sources import files_for
+from bigjax.data.stream import Reading, Shard, Tokenize, local_pipeline
+from bigjax.errors import ConfigError, DataError
+
+# `data.stream: auto` streams file globs above this many bytes and tfds splits above this many
+# records; below, reading everything up front is faster and the memory it takes is small
+AUTO_BYTES = 64 << 20
+AUTO_RECORDS = 100_000
+TFDS_CHUNKS = 16  # record ranges per process (and worker): the units shuffled each epoch
+
+
+def _tfds_size(cfg: Config, split: str) -> int:
+    from bigjax.data.tfds_source import tfds_records
+    return len(tfds_records(cfg.data.source, split, cfg.data.dir, (cfg.data.text_field,)))
+
+
+def wants_stream(cfg: Config) -> bool:
+    """Whether `cfg` takes the streaming path (README: "Which path a source takes")."""
+    d = cfg.data
+    src = d.source
+    if d.stream is False:
+        return False
+    if src.startswith(("builtin:", "sklearn:")) or not d.pack:
+        if d.stream is True:
+            why = ("data.pack=false pads each document, which needs all of them up front"
+                   if not d.pack else f"{src} is an in-memory corpus")
+            raise ConfigError(f"data.stream=true: {why}; set data.stream=auto or false")
+        return False
+    if d.stream is True:
+        return True
+    if src.startswith("tfds:"):
+        return _tfds_size(cfg, d.split) > AUTO_RECORDS
+    files = sorted(p for p in glob.glob(src, recursive=True) if os.path.isfile(p))
+    return sum(os.path.getsize(p) for p in files) > AUTO_BYTES
+
+
+@dataclass
+class StreamSource:
+    """The training side of a streamed corpus (`Data.train` on this path): what the loader needs
+    to build each process's pipeline. `files` and `sizes` (bytes) or `records` (a tfds split)."""
+
+    reading: Reading
+    tokenize: Tokenize
+    seq_len: int
+    shuffle_windows: int
+    files: list[str]
+    sizes: list[int]
+    records: int = 0
+
+    @property
+    def fingerprint(self) -> str:
+        """Names the corpus a loader state belongs to (its files and their sizes, or the split)."""
+        parts = ([f"{f}:{s}" for f, s in zip(self.files, self.sizes)] if self.reading.tfds is None
+                 else [*self.reading.tfds[:2], str(self.records)])
+        return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+    def process_shards(self, index: int, count: int, workers: int = 0) -> list[Shard]:
+        """Process `index`'s share: whole files balanced by bytes (largest first to the least
+        loaded process), or a contiguous range of the split's records cut into chunks."""
+        if self.reading.tfds is not None:
+            lo, hi = index * self.records // count, (index + 1) * self.records // count
+            n = min(TFDS_CHUNKS * max(workers, 1), hi - lo)
+            edges = [lo + (hi - lo) * i // n for i in range(n + 1)]
+            return [Shard("", a, b) for a, b in zip(edges, edges[1:]) if b > a]
+        load = [0] * count
+        mine = []
+        for i in sorted(range(len(self.files)), key=lambda i: (-self.sizes[i], i)):
+            p = min(range(count), key=lambda q: (load[q], q))
+            load[p] += self.sizes[i]
+            if p == index:
+                mine.append(i)
+        return [Shard(self.files[i]) for i in sorted(mine)]
+
+    def pipeline(self, index: int, count: int, *, seed: int, shuffle: bool, workers: int = 0,
+                 epochs: int | None = None):
+        """Process `index`'s examples: a grain IterDataset (endless unless `epochs`)."""
+        return local_pipeline(self.process_shards(index, count, workers), self.reading,
+                              self.tokenize, seq_len=self.seq_len, seed=seed, shuffle=shuffle,
+                              shuffle_windows=self.shuffle_windows, salt=(index,), epochs=epochs)
+
+    def check_shares(self, source: str, count: int, workers: int) -> None:
+        units = len(self.files) if self.reading.tfds is None else self.records
+        need = count * max(workers, 1)
+        if units < need:
+            what = "files" if self.reading.tfds is None else "records"
+            raise DataError(
+                f"data.source: '{source}' has {units} {what}, but streaming gives each of the "
+                f"{count} processes x {max(workers, 1)} data.workers at least one; split the "
+                f"corpus into more files, use fewer data.workers, or set data.stream=false")
+
+
+def stream_source(cfg: Config, tokenizer: Any, files: list[str], records: int) -> StreamSource:
+    d = cfg.data
+    tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
+    return StreamSource(Reading(d.text_field, d.on_bad_rows, tfds),
+                        Tokenize(tokenizer, tokenizer.eos_token_id), cfg.train.seq_len,
+                        d.shuffle_windows, files, [os.path.getsize(f) for f in files], records)
+
+
+def split_inputs(cfg: Config) -> tuple[list[str], list[str], int, tuple[int, int]]:
+    """(training files, held-out files, training records, held-out record range): without
+    `data.eval_split`, a seeded `data.val_fraction` of the files (at least one) or the split's
+    last records are held out for evaluation."""
+    d = cfg.data
+    hold = not d.eval_split
+    if hold and d.val_fraction <= 0:
+        raise ConfigError("data.val_fraction=0 needs data.eval_split (a glob or tfds split) "
+                          "for the evaluation text")
+    if d.source.startswith("tfds:"):
+        n = _tfds_size(cfg, d.split)
+        n_val = max(1, int(round(n * d.val_fraction))) if hold else 0
+        return [], [], n - n_val, (n - n_val, n)
+    files = files_for(d.source)
+    for f in files:
+        if os.path.getsize(f) == 0:
+            raise DataError(f"data.source: {f}: file is empty")
+    if not hold:
+        return files, [], 0, (0, 0)
+    n_val = max(1, int(round(len(files) * d.val_fraction)))
+    if len(files) - n_val < 1:
+        raise DataError(f"data.source: '{d.source}' has {len(files)} file(s); holding out "
+                        f"data.val_fraction={d.val_fraction} of them leaves none to train on; "
+                        "set data.eval_split or give more files")
+    held = set(np.random.default_rng(cfg.seed).permutation(len(files))[:n_val].tolist())
+    return ([f for i, f in enumerate(files) if i not in held],
+            [f for i, f in enumerate(files) if i in held], 0, (0, 0))
+
+
+def bounded_texts(cfg: Config, shards: list[Shard], chars: int, seed: int,
+                  per_shard: int | None = None) -> list[str]:
+    """Documents from `shards` in a seeded order until `chars` characters (at most `per_shard`
+    from one shard, so a sample spans many files)."""
+    d = cfg.data
+    tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
+    reading = Reading(d.text_field, d.on_bad_rows, tfds)
+    out, total = [], 0
+    for i in np.random.default_rng(seed).permutation(len(shards)):
+        taken = 0
+        for text in reading.texts(shards[i]):
+            out.append(text)
+            total += len(text)
+            taken += len(text)
+            if total >= chars:
+                return out
+            if per_shard and taken >= per_shard:
+                break
+    return out
+
+
+def sample_shards(files: list[str], records: tuple[int, int], chunks: int = 64) -> list[Shard]:
+    if files:
+        return [Shard(f) for f in files]
+    lo, hi = records
+    n = max(min(chunks, hi - lo), 1)
+    edges = [lo + (hi - lo) * i // n for i in range(n + 1)]
+    return [Shard("", a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+def tokenizer_sample(cfg: Config, files: list[str], records: int) -> Callable[[], Iterator[str]]:
+    """The seeded, bounded sample a tokenizer that bigjax trains learns from (read only when it
+    is needed: by process 0, the first time)."""
+    chars = cfg.data.tokenizer_sample_chars
+    shards = sample_shards(files, (0, records))
+    return lambda: bounded_texts(cfg, shards, chars, cfg.seed, per_shard=max(chars // 16, 1))
