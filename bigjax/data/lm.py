@@ -18,7 +18,7 @@ import numpy as np
 
 from bigjax import distributed
 from bigjax.config import Config
-from bigjax.data.lm_stream import (bounded_texts, sample_shards, split_inputs, stream_source,
+from bigjax.data.lm_stream import (bounded_texts, check_shares, sample_shards, split_inputs, stream_source,
                                    tokenizer_sample, wants_stream)
 from bigjax.data.records import read_texts, split_docs
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
@@ -183,9 +183,9 @@ def build_lm_stream(cfg: Config, run_dir: str) -> Data:
     evaluation text (at most data.max_chars characters) read and packed."""
     d = cfg.data
     files, held, records, held_range = split_inputs(cfg)
+    check_shares(d.source, files, records, jax.process_count(), d.workers)  # before the tokenizer
     tok = get_tokenizer(cfg, tokenizer_sample(cfg, files, records), run_dir)
     train = stream_source(cfg, tok, files, records)
-    train.check_shares(d.source, jax.process_count(), d.workers)  # before anything compiles
     if d.eval_split:
         val_texts, _ = read_texts(cfg, "eval")
     else:

@@ -98,14 +98,19 @@ class StreamSource:
                               shuffle_windows=self.shuffle_windows, salt=(index,), epochs=epochs)
 
     def check_shares(self, source: str, count: int, workers: int) -> None:
-        units = len(self.files) if self.reading.tfds is None else self.records
-        need = count * max(workers, 1)
-        if units < need:
-            what = "files" if self.reading.tfds is None else "records"
-            raise DataError(
-                f"data.source: '{source}' has {units} {what}, but streaming gives each of the "
-                f"{count} processes x {max(workers, 1)} data.workers at least one; split the "
-                f"corpus into more files, use fewer data.workers, or set data.stream=false")
+        check_shares(source, self.files, self.records, count, workers)
+
+
+def check_shares(source: str, files: list[str], records: int, count: int, workers: int) -> None:
+    """Each process, and each of its workers, needs a file (or record) of its own."""
+    units = len(files) or records
+    need = count * max(workers, 1)
+    if units < need:
+        what = "files" if files else "records"
+        raise DataError(
+            f"data.source: '{source}' has {units} training {what}, but streaming gives each of "
+            f"the {count} processes x {max(workers, 1)} data.workers at least one; split the "
+            f"corpus into more files, use fewer data.workers, or set data.stream=false")
 
 
 def stream_source(cfg: Config, tokenizer: Any, files: list[str], records: int) -> StreamSource:
@@ -147,22 +152,26 @@ def split_inputs(cfg: Config) -> tuple[list[str], list[str], int, tuple[int, int
 
 def bounded_texts(cfg: Config, shards: list[Shard], chars: int, seed: int,
                   per_shard: int | None = None) -> list[str]:
-    """Documents from `shards` in a seeded order until `chars` characters (at most `per_shard`
-    from one shard, so a sample spans many files)."""
+    """Documents from `shards` in a seeded order until `chars` characters: at most `per_shard`
+    from one shard on a first pass (so a sample spans many files), the rest on a second."""
     d = cfg.data
     tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
     reading = Reading(d.text_field, d.on_bad_rows, tfds)
     out, total = [], 0
-    for i in np.random.default_rng(seed).permutation(len(shards)):
-        taken = 0
-        for text in reading.texts(shards[i]):
-            out.append(text)
-            total += len(text)
-            taken += len(text)
-            if total >= chars:
-                return out
-            if per_shard and taken >= per_shard:
-                break
+    order = np.random.default_rng(seed).permutation(len(shards))
+    started = {}
+    for cap in ([per_shard, None] if per_shard else [None]):
+        for i in order:
+            texts = started.setdefault(i, reading.texts(shards[i]))
+            taken = 0
+            for text in texts:
+                out.append(text)
+                total += len(text)
+                taken += len(text)
+                if total >= chars:
+                    return out
+                if cap and taken >= cap:
+                    break
     return out
 
 
