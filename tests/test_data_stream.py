@@ -11,7 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from bigjax.config import load_config
+import jax
+import jax.numpy as jnp
+
+from bigjax.checkpoint import Checkpointer
+from bigjax.cli import run
+from bigjax.config import CheckpointConfig, load_config
 from bigjax.data.lm import PackedWindows, TokenStream, build_lm_data
 from bigjax.data.loader import TrainLoader
 from bigjax.data.stream_loader import StreamLoader
@@ -91,15 +96,18 @@ def batches(loader, n):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resume_from_a_saved_state_yields_exactly_the_next_batches(corpus, workers):
+def test_resume_from_a_checkpoint_yields_exactly_the_next_batches(corpus, workers, tmp_path):
     src = source(corpus[0])
     make = lambda: StreamLoader(src, 4, seed=5, shuffle=True, sharding=None, workers=workers,
                                 prefetch=2)
     loader = make()  # (two loaders only: each starts its worker processes, seconds apiece)
-    want = batches(loader, 17)
-    state = json.loads(json.dumps(loader.state()))  # what the checkpoint stores
+    want = batches(loader, 17)  # and 2 more read ahead: the state is still that of batch 18
+    ckpt = Checkpointer(str(tmp_path), CheckpointConfig(async_save=False))
+    ckpt.save(17, {"x": jnp.zeros(2)}, loader.state(), {"step": 17}, force=True)
     want += batches(loader, 23)  # past the first epoch (about 30 batches)
     loader.close()
+    state = ckpt.restore(17, {"x": jax.ShapeDtypeStruct((2,), jnp.float32)}).data_state
+    ckpt.close()
     loader = make()
     loader.restore(state)
     got = batches(loader, 23)
@@ -151,6 +159,16 @@ def test_bad_streaming_input_is_one_line_before_anything_compiles(corpus, tmp_pa
         lm_config(tmp_path, "data.stream=maybe")
     with pytest.raises(ConfigError, match=r"data\.shuffle_windows must be at least 1, got 0"):
         lm_config(tmp_path, "data.shuffle_windows=0")
+
+
+def test_a_glob_matching_nothing_through_the_cli_is_one_line_exit_2(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    rc = run(["train", "configs/gpt_tiny.yaml", "data.source=/nowhere/*.txt", "data.stream=true",
+              f"run.dir={run_dir}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.splitlines() == [
+        "bigjax: error: data.source: no files match '/nowhere/*.txt' (expected a path or glob "
+        "of .txt/.md/.jsonl/.json/.csv/.tsv/.parquet files, tfds:NAME or builtin:pydocs)"], err
 
 
 def test_the_tokenizer_trains_on_a_bounded_sample(corpus, tmp_path):
