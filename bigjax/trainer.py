@@ -229,6 +229,7 @@ class Trainer:
             threads=cfg.data.threads, prefetch=PREFETCH)
         if self._data_state:
             loader.restore(self._data_state)
+        self._loader = loader
         report = Reporter(self.run_dir, t.steps, start, t.progress)
         if start:
             report.message(f"resumed from step {start} ({self.checkpointer.directory})")
@@ -327,6 +328,7 @@ class Trainer:
                "tokens_per_s_per_device": tokens_per_step / dt / jax.device_count()}
         if peak > 0:  # at most 1: above it, the peak was measured low (a busy CPU)
             row["mfu"] = mfu(flops_tok * row["tokens_per_s"], peak)
+        row.update(self._loader.metrics())  # a mixture's tokens per source
         report.log(row)
         report.progress(step, {"loss": f"{finals['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"})
         return now, step

@@ -23,6 +23,8 @@ from bigjax.data.stream_loader import StreamLoader
 from bigjax.errors import BigjaxError, ConfigError, DataError
 from stream_helpers import SEQ_LEN, CharTok, source, write_corpus
 
+from bigjax.data.lm_stream import MixtureSource
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -202,3 +204,37 @@ def test_two_processes_stream_disjoint_shares_and_resume_from_a_gathered_state(c
     corpus_tokens = collections.Counter(stream_tokens(docs).tokens.tolist())
     assert not inputs - corpus_tokens
     assert sum((corpus_tokens - inputs).values()) <= 2 * (SEQ_LEN + 1)  # two tails at most
+
+
+def test_a_3_to_1_mixture_supplies_tokens_3_to_1_and_resumes_its_counts(corpus, tmp_path):
+    other = str(tmp_path / "other")
+    write_corpus(other, files=3, docs=5, seed=1)  # smaller: it wraps around several epochs
+    mix = MixtureSource([source(corpus[0]), source(other)], [3.0, 1.0], [corpus[0], other])
+    make = lambda: StreamLoader(mix, 4, seed=2, shuffle=True, sharding=None, prefetch=2)
+    loader = make()
+    seen = batches(loader, 100)
+    state = json.loads(json.dumps(loader.state()))
+    seen += batches(loader, 100)
+    assert all("source_id" not in b for b in seen)  # counted by the loader, unseen by the step
+    first, second = loader.metrics()["source_tokens_0"], loader.metrics()["source_tokens_1"]
+    assert first + second == 200 * 4 * SEQ_LEN
+    assert abs(first / second - 3) < 0.05 * 3  # the bound; grain's mix is deterministic
+    resumed = make()
+    resumed.restore(state)
+    for a, b in zip(batches(resumed, 100), seen[100:]):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert resumed.metrics() == loader.metrics()
+
+
+def test_a_mixture_source_that_cannot_be_read_is_one_line_naming_it(corpus, tmp_path):
+    cfg = lm_config(tmp_path, f"data.sources=[{{source: '{corpus[0]}/*.jsonl', weight: 3}}, "
+                              "{source: '/nowhere/*.jsonl', weight: 1}]")
+    with pytest.raises(DataError, match=r"^data\.sources\[1\] \(/nowhere/\*\.jsonl\): no files "
+                                        r"match '/nowhere/\*\.jsonl'"):
+        build_lm_data(cfg, str(tmp_path))
+    for bad, message in [("-1", r"data\.sources\[1\]\.weight must be a finite number >= 0, got "
+                                r"-1\.0 \(source b\)"), ("0", r"data\.sources: every weight is 0")]:
+        with pytest.raises(ConfigError, match=message):
+            lm_config(tmp_path, f"data.sources=[{{source: a, weight: 0}}, "
+                                f"{{source: b, weight: {bad}}}]")

@@ -8,6 +8,7 @@ counted and dropped, not silently).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import numpy as np
 
 from bigjax import distributed
 from bigjax.config import Config
-from bigjax.data.lm_stream import (bounded_texts, check_shares, sample_shards, split_inputs, stream_source,
+from bigjax.data.lm_stream import (MixtureSource, bounded_texts, check_shares, sample_shards, split_inputs, stream_source,
                                    tokenizer_sample, wants_stream)
 from bigjax.data.records import read_texts, split_docs
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
@@ -180,30 +181,54 @@ def build_lm_data(cfg: Config, run_dir: str) -> Data:
 def build_lm_stream(cfg: Config, run_dir: str) -> Data:
     """The streaming path: the training text is read by the loader's pipeline, per process; here
     only the corpus is listed, the tokenizer prepared (from a bounded sample) and the held-out
-    evaluation text (at most data.max_chars characters) read and packed."""
+    evaluation text (at most data.max_chars characters) read and packed. `data.sources`: the same
+    for each corpus of the mixture."""
     d = cfg.data
-    files, held, records, held_range = split_inputs(cfg)
-    check_shares(d.source, files, records, jax.process_count(), d.workers)  # before the tokenizer
-    tok = get_tokenizer(cfg, tokenizer_sample(cfg, files, records), run_dir)
-    train = stream_source(cfg, tok, files, records)
+    named = ([(f"data.sources[{i}]", p.source, p.weight) for i, p in enumerate(d.sources)]
+             or [("data.source", d.source, 1.0)])
+    parts = []
+    for key, source, weight in named:  # every source listed and checked before any is read
+        part = dataclasses.replace(cfg, data=dataclasses.replace(d, source=source))
+        try:
+            files, held, records, held_range = split_inputs(part)
+            check_shares(source, files, records, jax.process_count(), d.workers)
+        except DataError as e:
+            if not d.sources:
+                raise
+            raise DataError(f"{key} ({source}): {str(e).removeprefix('data.source: ')}")
+        parts.append((part, weight, files, held, records, held_range))
+    total = sum(w for _, w, *_ in parts)
+    samples = [tokenizer_sample(part, files, records,
+                                max(int(d.tokenizer_sample_chars * w / total), 1))
+               for part, w, files, _, records, _ in parts if w > 0]
+    tok = get_tokenizer(cfg, lambda: [t for sample in samples for t in sample()], run_dir)
+    sources = [stream_source(part, tok, files, records) for part, _, files, _, records, _ in parts]
+    train = (MixtureSource(sources, [w for _, w, *_ in parts], [n[1] for n in named])
+             if d.sources else sources[0])
     if d.eval_split:
         val_texts, _ = read_texts(cfg, "eval")
     else:
-        val_texts = bounded_texts(cfg, sample_shards(held, held_range), d.max_chars, cfg.seed)
+        val_texts = [t for part, _, _, held, _, held_range in parts
+                     for t in bounded_texts(part, sample_shards(held, held_range),
+                                            d.max_chars // len(parts), cfg.seed)]
     ids = tok(list(val_texts), add_special_tokens=False)["input_ids"] if val_texts else []
     val = lm_examples(cfg, ids, tok)
     if len(val) == 0:
         raise DataError(f"data.eval_split / held-out text: too little for "
                         f"train.seq_len={cfg.train.seq_len} (0 validation windows)")
-    units = (f"{len(files)} files ({sum(train.sizes) / 1e6:.1f} MB)" if files
-             else f"{records} records")
-    info = {"stream": True, "train_files": len(files), "train_records": records,
+    n_files = sum(len(p[2]) for p in parts)
+    n_records = sum(p[4] for p in parts)
+    size = sum(sum(s.sizes) for s in sources) / 1e6
+    units = (f"{n_files} files ({size:.1f} MB)" if n_files else "") + \
+        (" and " if n_files and n_records else "") + (f"{n_records} records" if n_records else "")
+    info = {"stream": True, "train_files": n_files, "train_records": n_records,
             "eval_documents": len(val_texts), "eval_examples": len(val),
             "tokenizer_sample_chars": d.tokenizer_sample_chars}
     log.info("data: %s", info)
+    mix = f" from {len(parts)} sources by weight" if d.sources else ""
     return Data(train=train, eval=val, tokenizer=tok, info=info, sizes={"vocab": len(tok)},
-                summary=f"streaming {units} in windows of {cfg.train.seq_len} tokens, each "
-                        f"process its share")
+                summary=f"streaming {units}{mix} in windows of {cfg.train.seq_len} tokens, "
+                        f"each process its share")
 
 
 register_data("lm", build_lm_data)

@@ -18,7 +18,7 @@ import numpy as np
 
 from bigjax.config import Config
 from bigjax.data.sources import files_for
-from bigjax.data.stream import Reading, Shard, Tokenize, local_pipeline
+from bigjax.data.stream import Reading, Shard, Tokenize, local_pipeline, mixed_pipeline, windows
 from bigjax.errors import ConfigError, DataError
 
 # `data.stream: auto` streams file globs above this many bytes and tfds splits above this many
@@ -37,6 +37,8 @@ def wants_stream(cfg: Config) -> bool:
     """Whether `cfg` takes the streaming path (README: "Which path a source takes")."""
     d = cfg.data
     src = d.source
+    if d.sources:  # a mixture always streams (config.py refuses data.stream=false with one)
+        return True
     if d.stream is False:
         return False
     if src.startswith(("builtin:", "sklearn:")) or not d.pack:
@@ -99,6 +101,44 @@ class StreamSource:
 
     def check_shares(self, source: str, count: int, workers: int) -> None:
         check_shares(source, self.files, self.records, count, workers)
+
+
+@dataclass
+class MixtureSource:
+    """`data.sources`: several streamed corpora drawn by weight (`Data.train` of a mixture)."""
+
+    parts: list[StreamSource]
+    weights: list[float]
+    names: list[str]
+
+    @property
+    def seq_len(self) -> int:
+        return self.parts[0].seq_len
+
+    @property
+    def shuffle_windows(self) -> int:
+        return self.parts[0].shuffle_windows
+
+    @property
+    def fingerprint(self) -> str:
+        text = "\n".join(f"{p.fingerprint}:{w}" for p, w in zip(self.parts, self.weights))
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+    def check_shares(self, source: str, count: int, workers: int) -> None:
+        for name, part in zip(self.names, self.parts):
+            part.check_shares(name, count, workers)
+
+    def pipeline(self, index: int, count: int, *, seed: int, shuffle: bool, workers: int = 0,
+                 epochs: int | None = None):
+        used = [i for i, w in enumerate(self.weights) if w > 0]  # grain's mix needs weights > 0
+        parts = [windows(self.parts[i].process_shards(index, count, workers),
+                         self.parts[i].reading, self.parts[i].tokenize, seq_len=self.seq_len,
+                         seed=seed, shuffle=shuffle, salt=(index, i), epochs=epochs)
+                 for i in used]
+        # tagged with their positions in data.sources, also when a weight-0 source is left out
+        return mixed_pipeline(parts, [self.weights[i] for i in used], tags=used, seed=seed,
+                              shuffle=shuffle, shuffle_windows=self.shuffle_windows,
+                              salt=(index,))
 
 
 def check_shares(source: str, files: list[str], records: int, count: int, workers: int) -> None:
@@ -184,9 +224,10 @@ def sample_shards(files: list[str], records: tuple[int, int], chunks: int = 64) 
     return [Shard("", a, b) for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def tokenizer_sample(cfg: Config, files: list[str], records: int) -> Callable[[], Iterator[str]]:
-    """The seeded, bounded sample a tokenizer that bigjax trains learns from (read only when it
-    is needed: by process 0, the first time)."""
-    chars = cfg.data.tokenizer_sample_chars
+def tokenizer_sample(cfg: Config, files: list[str], records: int,
+                     chars: int = 0) -> Callable[[], Iterator[str]]:
+    """The seeded, bounded sample (`chars`, default data.tokenizer_sample_chars) a tokenizer that
+    bigjax trains learns from (read only when it is needed: by process 0, the first time)."""
+    chars = chars or cfg.data.tokenizer_sample_chars
     shards = sample_shards(files, (0, records))
     return lambda: bounded_texts(cfg, shards, chars, cfg.seed, per_shard=max(chars // 16, 1))

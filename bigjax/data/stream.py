@@ -61,18 +61,22 @@ def _open_tfds(spec: tuple[str, str, str], field: str):
     return _OPEN[spec, field]
 
 
-def window_example(tokens: np.ndarray, docs: np.ndarray) -> Example:
+def window_example(tokens: np.ndarray, docs: np.ndarray, source: int | None = None) -> Example:
     """A training example from `seq_len + 1` tokens and their document numbers (nondecreasing):
     inputs/targets shifted by one, segment ids per document, positions restarting at each
-    document start, and weight 0 on a target from the next document."""
+    document start, and weight 0 on a target from the next document. A mixture's windows also
+    carry `source_id` (the loader counts and removes it before the step sees the batch)."""
     seg = docs[:-1] - docs[0]
     n = len(seg)
     idx = np.arange(n, dtype=np.int32)
     # a document continued from the previous window starts at position 0 too
     starts = np.maximum.accumulate(np.where(np.diff(seg, prepend=-1) != 0, idx, 0))
-    return {"inputs": tokens[:-1], "targets": tokens[1:],
-            "weights": (docs[1:] == docs[:-1]).astype(np.float32),
-            "segment_ids": seg.astype(np.int32), "positions": idx - starts}
+    out = {"inputs": tokens[:-1], "targets": tokens[1:],
+           "weights": (docs[1:] == docs[:-1]).astype(np.float32),
+           "segment_ids": seg.astype(np.int32), "positions": idx - starts}
+    if source is not None:
+        out["source_id"] = np.int32(source)
+    return out
 
 
 def epoch_order(n: int, seed: int, salt: Sequence[int], epoch: int, shuffle: bool) -> np.ndarray:
@@ -256,9 +260,9 @@ class ShuffleIterator(grain.DatasetIterator):
             if self._start is not None:
                 self._number += 1
             self._fill()
-        tokens, docs = self._windows[self._order[self._index]]
+        window = self._windows[self._order[self._index]]
         self._index += 1
-        return window_example(tokens, docs)
+        return window_example(*window)
 
     def get_state(self) -> dict:
         if self._start is None or self._index >= len(self._windows):
@@ -274,10 +278,38 @@ class ShuffleIterator(grain.DatasetIterator):
         self._index = state["index"]
 
 
+class Tag:
+    """Adds a mixture's source number to each window."""
+
+    def __init__(self, source: int):
+        self.source = source
+
+    def __call__(self, window: tuple) -> tuple:
+        return (*window, self.source)
+
+
+def windows(shards: Sequence[Shard], reading: Reading, tokenize: Callable, *, seq_len: int,
+            seed: int, shuffle: bool, salt: Sequence[int] = (),
+            epochs: int | None = None) -> grain.IterDataset:
+    """One process's packed windows of one corpus, from its own shards."""
+    docs = Documents(shards, reading, seed=seed, shuffle=shuffle, salt=salt, epochs=epochs)
+    return PackWindows(docs.map(tokenize), seq_len)
+
+
 def local_pipeline(shards: Sequence[Shard], reading: Reading, tokenize: Callable, *,
                    seq_len: int, seed: int, shuffle: bool, shuffle_windows: int,
                    salt: Sequence[int] = (), epochs: int | None = None) -> grain.IterDataset:
     """One process's examples (before batching), from its own shards."""
-    docs = Documents(shards, reading, seed=seed, shuffle=shuffle, salt=salt, epochs=epochs)
-    windows = PackWindows(docs.map(tokenize), seq_len)
-    return ShuffleBlocks(windows, shuffle_windows if shuffle else 1, seed, salt)
+    packed = windows(shards, reading, tokenize, seq_len=seq_len, seed=seed, shuffle=shuffle,
+                     salt=salt, epochs=epochs)
+    return ShuffleBlocks(packed, shuffle_windows if shuffle else 1, seed, salt)
+
+
+def mixed_pipeline(parts: Sequence[grain.IterDataset], weights: Sequence[float], *,
+                   tags: Sequence[int], seed: int, shuffle: bool, shuffle_windows: int,
+                   salt: Sequence[int] = ()):
+    """Windows of several corpora (from `windows`), drawn in the proportions of `weights` (grain's
+    deterministic mix, so its state is one counter) and tagged with their source's number."""
+    tagged = [part.map(Tag(tag)) for tag, part in zip(tags, parts)]
+    mixed = grain.IterDataset.mix(tagged, [float(w) for w in weights])
+    return ShuffleBlocks(mixed, shuffle_windows if shuffle else 1, seed, salt)

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from bigjax.data.lm_stream import StreamSource
+from bigjax.data.lm_stream import MixtureSource, StreamSource
 from bigjax.data.loader import Example, TrainLoader, _absl_flags_ready, _local_batch, to_global
 from bigjax.errors import DataError
 
@@ -39,7 +39,7 @@ class StreamLoader(TrainLoader):
     count is another stream). `restore` puts each process back at its own state.
     """
 
-    def __init__(self, source: StreamSource, global_batch: int, *, seed: int, shuffle: bool,
+    def __init__(self, source: StreamSource | MixtureSource, global_batch: int, *, seed: int, shuffle: bool,
                  sharding: NamedSharding | None, process_index: int = 0, process_count: int = 1,
                  workers: int = 0, threads: int = 0, prefetch: int = 0):
         import collections
@@ -55,7 +55,11 @@ class StreamLoader(TrainLoader):
                           "process_count": process_count, "workers": workers}
         self.sharding = sharding
         self._depth = prefetch
-        self._ahead: collections.deque = collections.deque()  # (iterator state before, batch)
+        # (iterator state before, batch, tokens per source) of batches read ahead
+        self._ahead: collections.deque = collections.deque()
+        # a mixture's tokens supplied by each source to consumed batches, this process
+        self._names = getattr(source, "names", [])
+        self.source_tokens = [0] * len(self._names)
         self._start(None)
 
     def _start(self, state: dict | None) -> None:
@@ -68,17 +72,34 @@ class StreamLoader(TrainLoader):
         if state is not None:
             self._it.set_state(state)
 
-    def _read(self) -> tuple[Any, dict]:
-        before = self._it.get_state()
+    def _read(self) -> tuple[Any, dict, list[int]]:
+        before = {"iterator": self._it.get_state(), "source_tokens": list(self.source_tokens)}
         local = next(self._it)
-        return before, (local if self.sharding is None else to_global(local, self.sharding))
+        counts = []
+        if "source_id" in local:  # a mixture: counted here, never seen by the step
+            ids = local.pop("source_id")
+            counts = (np.bincount(ids, minlength=len(self._names)) * local["inputs"].shape[1]).tolist()
+        return before, (local if self.sharding is None else to_global(local, self.sharding)), counts
 
     def __next__(self) -> dict[str, Any]:
-        return (self._ahead.popleft() if self._ahead else self._read())[1]
+        _, batch, counts = self._ahead.popleft() if self._ahead else self._read()
+        self.source_tokens = [a + b for a, b in zip(self.source_tokens, counts)] or self.source_tokens
+        return batch
 
     def local_state(self) -> Any:
-        """This process's iterator state at the next batch `next()` returns."""
-        return self._ahead[0][0] if self._ahead else self._it.get_state()
+        """This process's iterator state at the next batch `next()` returns (and the tokens its
+        mixture sources supplied before it)."""
+        if self._ahead:
+            return {**self._ahead[0][0], "source_tokens": list(self.source_tokens)}
+        return {"iterator": self._it.get_state(), "source_tokens": list(self.source_tokens)}
+
+    def metrics(self) -> dict[str, int]:
+        """For the logged row: training tokens each mixture source has supplied, all processes
+        together (a collective on several processes: every process logs the same steps)."""
+        if not self._names:
+            return {}
+        counts = np.sum(gather_json(self.source_tokens, self._count), axis=0)
+        return {f"source_tokens_{i}": int(n) for i, n in enumerate(counts)}
 
     def state(self) -> dict:
         """A collective on several processes: every process calls it at the same step."""
@@ -101,7 +122,9 @@ class StreamLoader(TrainLoader):
                 "and train.batch_size settings and the process count, or start a new run.dir")
         self._it.close()
         self._ahead.clear()
-        self._start(state["processes"][self._index])
+        mine = state["processes"][self._index]
+        self.source_tokens = list(mine["source_tokens"]) or self.source_tokens
+        self._start(mine["iterator"])
 
     def close(self) -> None:
         self._ahead.clear()
@@ -110,8 +133,8 @@ class StreamLoader(TrainLoader):
             close()
 
 
-def make_train_loader(source: Sequence[Example] | StreamSource, global_batch: int,
-                      **kw) -> TrainLoader:
+def make_train_loader(source: Sequence[Example] | StreamSource | MixtureSource,
+                      global_batch: int, **kw) -> TrainLoader:
     """The loader for a builder's training source: streamed, or random access (in memory)."""
-    cls = StreamLoader if isinstance(source, StreamSource) else TrainLoader
+    cls = StreamLoader if isinstance(source, (StreamSource, MixtureSource)) else TrainLoader
     return cls(source, global_batch, **kw)
