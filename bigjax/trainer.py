@@ -229,7 +229,6 @@ class Trainer:
             threads=cfg.data.threads, prefetch=PREFETCH)
         if self._data_state:
             loader.restore(self._data_state)
-        self._loader = loader
         report = Reporter(self.run_dir, t.steps, start, t.progress)
         if start:
             report.message(f"resumed from step {start} ({self.checkpointer.directory})")
@@ -248,7 +247,7 @@ class Trainer:
             self.checkpointer.check_metrics(last)  # a wrong keep_best_metric fails now, not later
 
         handlers = self._install_signal_handlers()
-        pending: tuple[int, Any] | None = None
+        pending: tuple[int, Any, dict] | None = None
         t_last, step_last = time.perf_counter(), start
         preempted = False
         try:
@@ -269,7 +268,7 @@ class Trainer:
                                                   tokens_per_step, flops_tok, peak_total)
                     pending = None
                 if step % t.log_every == 0 or step == t.steps:
-                    pending = (step, metrics)
+                    pending = (step, metrics, loader.metrics())  # counts of this step's batches
                 self.state = state
                 evaluated = bool(t.eval_every and step % t.eval_every == 0 and step < t.steps)
                 if evaluated:
@@ -317,7 +316,7 @@ class Trainer:
 
     def _log(self, report: Reporter, pending, t_last: float, step_last: int, tokens_per_step: int,
              flops_tok: float, peak: float) -> tuple[float, int]:
-        step, metrics = pending
+        step, metrics, loader_counts = pending
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         dt = (now - t_last) / max(step - step_last, 1)
@@ -328,7 +327,7 @@ class Trainer:
                "tokens_per_s_per_device": tokens_per_step / dt / jax.device_count()}
         if peak > 0:  # at most 1: above it, the peak was measured low (a busy CPU)
             row["mfu"] = mfu(flops_tok * row["tokens_per_s"], peak)
-        row.update(self._loader.metrics())  # a mixture's tokens per source
+        row.update(loader_counts)  # a mixture's tokens per source, up to this step
         report.log(row)
         report.progress(step, {"loss": f"{finals['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"})
         return now, step
