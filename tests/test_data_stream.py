@@ -238,3 +238,32 @@ def test_a_mixture_source_that_cannot_be_read_is_one_line_naming_it(corpus, tmp_
         with pytest.raises(ConfigError, match=message):
             lm_config(tmp_path, f"data.sources=[{{source: a, weight: 0}}, "
                                 f"{{source: b, weight: {bad}}}]")
+
+
+def test_prepare_once_then_train_on_token_ids_with_the_same_windows(corpus, tmp_path):
+    from bigjax.data.prepare import prepare
+    root = corpus[0]
+    out = str(tmp_path / "prepared")
+    raw = lm_config(tmp_path, f"data.source={root}/*.jsonl", "data.stream=true",
+                    "data.tokenizer_sample_chars=3000", "data.val_fraction=0.2")
+    done = prepare(raw, out)
+    assert (done["written"], done["skipped"]) == (6, 0)
+    assert done["manifest"]["tokens"] == done["tokens"] > 0
+    os.remove(os.path.join(out, "shard-00003.json"))  # as if killed while writing shard 3
+    again = prepare(raw, out)
+    assert (again["written"], again["skipped"]) == (1, 5)
+    assert again["manifest"] == done["manifest"]
+    # training on the prepared dir reads ids; on the raw files with its tokenizer, tokenizes
+    first = lambda cfg: [ex["inputs"].tolist() for ex in build_lm_data(cfg, str(tmp_path))
+                         .train.pipeline(0, 1, seed=0, shuffle=False, epochs=1)]
+    from_ids = first(lm_config(tmp_path, f"data.source={out}", "data.val_fraction=0.2"))
+    tokenized = first(lm_config(tmp_path, f"data.source={root}/*.jsonl", "data.stream=true",
+                                f"data.tokenizer={out}/tokenizer", "data.val_fraction=0.2"))
+    assert from_ids == tokenized and len(from_ids) > 20
+    other = str(tmp_path / "other_tok")
+    from bigjax.data.tokenizer import train_bpe
+    train_bpe(["another corpus entirely"] * 20, 300, other)
+    with pytest.raises(DataError, match=rf"^data\.source: {out} was prepared with tokenizer "
+                                        r"[0-9a-f]{16} .* but data\.tokenizer .* leave "
+                                        r"data\.tokenizer empty"):
+        build_lm_data(lm_config(tmp_path, f"data.source={out}", f"data.tokenizer={other}"), "")

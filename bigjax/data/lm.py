@@ -19,8 +19,10 @@ import numpy as np
 
 from bigjax import distributed
 from bigjax.config import Config
-from bigjax.data.lm_stream import (MixtureSource, bounded_texts, check_shares, sample_shards, split_inputs, stream_source,
+from bigjax.data.lm_stream import (MixtureSource, bounded_texts, check_shares, sample_shards,
+                                   split_inputs, stream_source,
                                    tokenizer_sample, wants_stream)
+from bigjax.data.prepared import check_tokenizer, is_prepared
 from bigjax.data.records import read_texts, split_docs
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
 from bigjax.data.types import Data
@@ -178,6 +180,14 @@ def build_lm_data(cfg: Config, run_dir: str) -> Data:
                         f"{cfg.train.seq_len} tokens")
 
 
+def _ids(tok: Any, texts: list) -> list[list[int]]:
+    """Token ids of texts, or of a prepared dir's documents (ids already)."""
+    ids = [t.tolist() if isinstance(t, np.ndarray) else None for t in texts]
+    todo = [t for t, i in zip(texts, ids) if i is None]
+    done = iter(tok(todo, add_special_tokens=False)["input_ids"] if todo else [])
+    return [i if i is not None else next(done) for i in ids]
+
+
 def build_lm_stream(cfg: Config, run_dir: str) -> Data:
     """The streaming path: the training text is read by the loader's pipeline, per process; here
     only the corpus is listed, the tokenizer prepared (from a bounded sample) and the held-out
@@ -198,10 +208,17 @@ def build_lm_stream(cfg: Config, run_dir: str) -> Data:
             raise DataError(f"{key} ({source}): {str(e).removeprefix('data.source: ')}")
         parts.append((part, weight, files, held, records, held_range))
     total = sum(w for _, w, *_ in parts)
-    samples = [tokenizer_sample(part, files, records,
-                                max(int(d.tokenizer_sample_chars * w / total), 1))
-               for part, w, files, _, records, _ in parts if w > 0]
-    tok = get_tokenizer(cfg, lambda: [t for sample in samples for t in sample()], run_dir)
+    prepared = [source for _, source, _ in named if is_prepared(source)]
+    if prepared:  # token ids already: the tokenizer they were made with, checked for each
+        tok_dir = check_tokenizer(prepared[0], d.tokenizer)
+        for source in prepared[1:]:
+            check_tokenizer(source, tok_dir)
+        tok = load_tokenizer(tok_dir)
+    else:
+        samples = [tokenizer_sample(part, files, records,
+                                    max(int(d.tokenizer_sample_chars * w / total), 1))
+                   for part, w, files, _, records, _ in parts if w > 0]
+        tok = get_tokenizer(cfg, lambda: [t for sample in samples for t in sample()], run_dir)
     sources = [stream_source(part, tok, files, records) for part, _, files, _, records, _ in parts]
     train = (MixtureSource(sources, [w for _, w, *_ in parts], [n[1] for n in named])
              if d.sources else sources[0])
@@ -211,8 +228,7 @@ def build_lm_stream(cfg: Config, run_dir: str) -> Data:
         val_texts = [t for part, _, _, held, _, held_range in parts
                      for t in bounded_texts(part, sample_shards(held, held_range),
                                             d.max_chars // len(parts), cfg.seed)]
-    ids = tok(list(val_texts), add_special_tokens=False)["input_ids"] if val_texts else []
-    val = lm_examples(cfg, ids, tok)
+    val = lm_examples(cfg, _ids(tok, val_texts), tok)
     if len(val) == 0:
         raise DataError(f"data.eval_split / held-out text: too little for "
                         f"train.seq_len={cfg.train.seq_len} (0 validation windows)")

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from bigjax.config import Config
+from bigjax.data.prepared import is_prepared, prepared_files
 from bigjax.data.sources import files_for
 from bigjax.data.stream import Reading, Shard, Tokenize, local_pipeline, mixed_pipeline, windows
 from bigjax.errors import ConfigError, DataError
@@ -38,6 +39,11 @@ def wants_stream(cfg: Config) -> bool:
     d = cfg.data
     src = d.source
     if d.sources:  # a mixture always streams (config.py refuses data.stream=false with one)
+        return True
+    if is_prepared(src):
+        if d.stream is False:
+            raise ConfigError(f"data.stream=false: {src} is a prepared dir (token ids), which "
+                              "is streamed; set data.stream=auto")
         return True
     if d.stream is False:
         return False
@@ -156,7 +162,7 @@ def check_shares(source: str, files: list[str], records: int, count: int, worker
 def stream_source(cfg: Config, tokenizer: Any, files: list[str], records: int) -> StreamSource:
     d = cfg.data
     tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
-    return StreamSource(Reading(d.text_field, d.on_bad_rows, tfds),
+    return StreamSource(Reading(d.text_field, d.on_bad_rows, tfds, is_prepared(d.source)),
                         Tokenize(tokenizer, tokenizer.eos_token_id), cfg.train.seq_len,
                         d.shuffle_windows, files, [os.path.getsize(f) for f in files], records)
 
@@ -174,7 +180,7 @@ def split_inputs(cfg: Config) -> tuple[list[str], list[str], int, tuple[int, int
         n = _tfds_size(cfg, d.split)
         n_val = max(1, int(round(n * d.val_fraction))) if hold else 0
         return [], [], n - n_val, (n - n_val, n)
-    files = files_for(d.source)
+    files = prepared_files(d.source) if is_prepared(d.source) else files_for(d.source)
     for f in files:
         if os.path.getsize(f) == 0:
             raise DataError(f"data.source: {f}: file is empty")
@@ -196,7 +202,7 @@ def bounded_texts(cfg: Config, shards: list[Shard], chars: int, seed: int,
     from one shard on a first pass (so a sample spans many files), the rest on a second."""
     d = cfg.data
     tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
-    reading = Reading(d.text_field, d.on_bad_rows, tfds)
+    reading = Reading(d.text_field, d.on_bad_rows, tfds, is_prepared(d.source))
     out, total = [], 0
     order = np.random.default_rng(seed).permutation(len(shards))
     started = {}

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Sequence
 import grain
 import numpy as np
 
+from bigjax.data.prepared import token_records
 from bigjax.data.sources import RecordReader
 
 Example = dict[str, np.ndarray]
@@ -39,8 +40,12 @@ class Reading:
     text_field: str = "text"
     on_bad_rows: str = "skip"
     tfds: tuple[str, str, str] | None = None  # (tfds:NAME, split, data dir) for record shards
+    prepared: bool = False  # shards of `bigjax data prepare`: documents already token ids
 
-    def texts(self, shard: Shard) -> Iterator[str]:
+    def texts(self, shard: Shard) -> Iterator[str | np.ndarray]:
+        if self.prepared:
+            yield from token_records(shard.name)
+            return
         reader = RecordReader(self.on_bad_rows, (self.text_field,))
         if self.tfds is None:
             rows = reader.read(shard.name)
@@ -150,7 +155,10 @@ class Tokenize:
     def __init__(self, tokenizer: Any, eos_id: int | None):
         self.tokenizer, self.eos_id = tokenizer, eos_id
 
-    def __call__(self, text: str) -> np.ndarray:
+    def __call__(self, text: str | np.ndarray) -> np.ndarray:
+        if isinstance(text, np.ndarray):  # a prepared document: token ids already
+            return np.append(text, self.eos_id).astype(np.int32) if self.eos_id is not None \
+                else text
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.eos_id is not None:
             ids = ids + [self.eos_id]
