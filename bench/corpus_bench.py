@@ -15,7 +15,8 @@ their peak is its own column), seconds from process start to the end of the firs
 and the streaming loader's tokens/s with data.workers=1 (steady state, measured after training in
 the same process). `--repeat 2` runs the rows in two alternating rounds (on a busy machine:
 quote medians). Goals (issue 10): peak RSS and first step at the large size within 1.25x of
-the small one; loader >= 10x the step.
+the small one; loader >= 10x the step. `--prepare-only`: the tokens/s of `bigjax data prepare`
+(one process) on the small corpus.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="loader measurement time")
     ap.add_argument("--eval-chars", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all rows, alternating")
+    ap.add_argument("--prepare-only", action="store_true",
+                    help="only time `data prepare` (one process) on the small corpus")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -141,6 +144,8 @@ def main() -> None:
                                    "data.tokenizer_sample_chars=5000000"])
         files, _, records, _ = split_inputs(cfg)
         get_tokenizer(cfg, tokenizer_sample(cfg, files, records), args.dir)
+    if args.prepare_only:
+        return prepare_row(args, small, tokenizer)
     rows = [("stream", args.small_mb, small, True), ("stream", args.large_mb, large, True),
             ("in-memory", args.small_mb, small, False)]
     print("| path | corpus | peak RSS (MB) | workers' peak RSS (MB) | first step (s) | "
@@ -161,6 +166,21 @@ def main() -> None:
         print(f"| {path} | {mb} MB | {r['peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} | "
               f"{r['first_step_s']:.1f} | {r['step_tok_s']:.0f} | {r['loader_tok_s']:.0f} | "
               f"{ratio:.1f} |", flush=True)
+
+
+def prepare_row(args, corpus: str, tokenizer: str) -> None:
+    """`bigjax data prepare` throughput: tokens/s of one process, batch-tokenizing each file."""
+    import shutil
+
+    from bigjax.config import load_config
+    from bigjax.data.prepare import prepare
+    out = os.path.join(args.dir, "prepared")
+    shutil.rmtree(out, ignore_errors=True)
+    cfg = load_config(CONFIG, [f"data.source={corpus}/*.jsonl", f"data.tokenizer={tokenizer}"])
+    done = prepare(cfg, out)
+    print(f"| data prepare | {args.small_mb} MB | {done['written']} shards | "
+          f"{done['tokens']} tokens | {done['seconds']:.1f} s | "
+          f"{done['tokens'] / done['seconds']:.0f} tokens/s per process |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from bigjax.config import Config
 from bigjax.data.lm import PaddedDocs
 from bigjax.data.lm_stream import StreamSource, wants_stream
 from bigjax.data.pipeline import build_data
+from bigjax.data.prepared import is_prepared, prepared_files
 from bigjax.data.records import read_texts
 from bigjax.data.sources import ReadStats, files_for
 from bigjax.data.stream import Reading, Shard
@@ -71,9 +72,11 @@ def inspect(cfg: Config, run_dir: str, n: int = 3, seconds: float = 2.0, width: 
     if streamed:  # the first records of the first shard, not the whole corpus
         d = cfg.data
         tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
-        shard = Shard(files_for(d.source)[0]) if tfds is None else Shard("", 0, n)
-        texts = [t for t, _ in zip(Reading(d.text_field, d.on_bad_rows, tfds).texts(shard),
-                                   range(n))]
+        prepared = is_prepared(d.source)
+        first = prepared_files(d.source)[0] if prepared else files_for(d.source)[0]
+        shard = Shard(first) if tfds is None else Shard("", 0, n)
+        reading = Reading(d.text_field, d.on_bad_rows, tfds, prepared)
+        texts = [t for t, _ in zip(reading.texts(shard), range(n))]
         stats = ReadStats(rows=len(texts))
     else:
         texts, stats = read_texts(cfg, "train")
@@ -85,7 +88,10 @@ def inspect(cfg: Config, run_dir: str, n: int = 3, seconds: float = 2.0, width: 
     build_s = time.perf_counter() - t0
     tok = data.tokenizer
     out(f"== tokenized ({type(tok).__name__}, {len(tok)} tokens in the vocabulary)")
-    for i, ids in enumerate(tok(texts[:n], add_special_tokens=False)["input_ids"]):
+    ids_of = [t.tolist() if isinstance(t, np.ndarray) else None for t in texts[:n]]
+    if any(i is None for i in ids_of):
+        ids_of = tok(texts[:n], add_special_tokens=False)["input_ids"]
+    for i, ids in enumerate(ids_of):  # a prepared dir's documents are token ids already
         out(f"[{i}] {len(ids)} tokens: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
     train = data.train
     if isinstance(train, StreamSource):  # the first windows of process 0's stream
