@@ -76,7 +76,7 @@ def inspect(cfg: Config, run_dir: str, n: int = 3, seconds: float = 2.0, width: 
         first = prepared_files(d.source)[0] if prepared else files_for(d.source)[0]
         shard = Shard(first) if tfds is None else Shard("", 0, n)
         reading = Reading(d.text_field, d.on_bad_rows, tfds, prepared)
-        texts = [t for t, _ in zip(reading.texts(shard), range(n))]
+        texts = [t for t, _ in zip((t for t in reading.texts(shard) if t is not None), range(n))]
         stats = ReadStats(rows=len(texts))
     else:
         texts, stats = read_texts(cfg, "train")

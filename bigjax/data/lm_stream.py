@@ -211,6 +211,8 @@ def bounded_texts(cfg: Config, shards: list[Shard], chars: int, seed: int,
             texts = started.setdefault(i, reading.texts(shards[i]))
             taken = 0
             for text in texts:
+                if text is None:  # a bad record, skipped
+                    continue
                 out.append(text)
                 total += len(text)
                 taken += len(text)

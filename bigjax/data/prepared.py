@@ -63,12 +63,12 @@ def check_tokenizer(source: str, tokenizer_dir: str) -> str:
     return path
 
 
-def token_records(path: str) -> Iterator[np.ndarray]:
-    """The documents of one prepared shard, as int32 token ids."""
+def token_records(path: str, skip: int = 0) -> Iterator[np.ndarray]:
+    """The documents of one prepared shard from the `skip`-th on, as int32 token ids."""
     from array_record.python.array_record_module import ArrayRecordReader
     reader = ArrayRecordReader(path)
     try:
-        for i in range(reader.num_records()):
+        for i in range(skip, reader.num_records()):
             yield np.frombuffer(reader.read([i])[0], np.int32)
     finally:
         reader.close()

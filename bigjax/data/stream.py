@@ -22,6 +22,7 @@ import numpy as np
 
 from bigjax.data.prepared import token_records
 from bigjax.data.sources import RecordReader
+from bigjax.errors import DataError
 
 Example = dict[str, np.ndarray]
 
@@ -42,18 +43,28 @@ class Reading:
     tfds: tuple[str, str, str] | None = None  # (tfds:NAME, split, data dir) for record shards
     prepared: bool = False  # shards of `bigjax data prepare`: documents already token ids
 
-    def texts(self, shard: Shard) -> Iterator[str | np.ndarray]:
+    def texts(self, shard: Shard, skip: int = 0) -> Iterator[str | np.ndarray | None]:
+        """The shard's documents from the `skip`-th on. A file's rows are skipped by reading
+        them (its bad rows are never counted); a record shard (tfds, prepared) seeks, and yields
+        None for a bad record it skips under data.on_bad_rows=skip, so positions stay indices."""
         if self.prepared:
-            yield from token_records(shard.name)
+            yield from token_records(shard.name, skip)
             return
         reader = RecordReader(self.on_bad_rows, (self.text_field,))
         if self.tfds is None:
             rows = reader.read(shard.name)
-        else:
-            records = _open_tfds(self.tfds, self.text_field)
-            rows = (records[i] for i in range(shard.start, shard.stop))
-        for row in rows:
-            yield str(row[self.text_field])
+            for _ in range(skip):
+                next(rows)
+            for row in rows:
+                yield str(row[self.text_field])
+            return
+        records = _open_tfds(self.tfds, self.text_field)
+        for i in range(shard.start + skip, shard.stop):
+            try:
+                yield str(records[i][self.text_field])
+            except DataError:  # not valid UTF-8
+                reader._bad(f"{self.tfds[0]} split '{self.tfds[1]}'", i + 1, "not valid UTF-8")
+                yield None
 
 
 _OPEN: dict = {}  # tfds splits opened in this process (opening one builds its builder)
@@ -128,13 +139,13 @@ class DocumentsIterator(grain.DatasetIterator):
         while True:
             if ds.epochs is not None and self.epoch >= ds.epochs:
                 raise StopIteration
-            if self._texts is None:
-                self._texts = ds.reading.texts(ds.shards[self._order[self.shard]])
-                for _ in range(self.row):  # restored mid-shard: skip what was already read
-                    next(self._texts)
+            if self._texts is None:  # restored mid-shard: from the row after the last one read
+                self._texts = ds.reading.texts(ds.shards[self._order[self.shard]], self.row)
             try:
                 text = next(self._texts)
                 self.row += 1
+                if text is None:  # a bad record, skipped and counted by the policy
+                    continue
                 return text
             except StopIteration:
                 if self.shard + 1 < len(ds.shards):
