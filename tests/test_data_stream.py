@@ -80,6 +80,13 @@ def docs_of(path):
         return [json.loads(line)["text"] for line in fh]
 
 
+def test_file_shares_balance_bytes_but_give_every_worker_a_file():
+    from bigjax.data.lm_stream import file_shares
+    assert file_shares([100, 10, 10, 10, 10], 2) == [[0], [1, 2, 3, 4]]  # by bytes
+    # two workers each: the big file's process still gets a second file
+    assert file_shares([100, 10, 10, 10, 10], 2, need=2) == [[0, 4], [1, 2, 3]]
+
+
 def test_shuffling_is_seeded_and_reorders(corpus):
     src = source(corpus[0])
     epoch = lambda seed: [ex["inputs"].tolist()

@@ -89,14 +89,8 @@ class StreamSource:
             n = min(TFDS_CHUNKS * max(workers, 1), hi - lo)
             edges = [lo + (hi - lo) * i // n for i in range(n + 1)]
             return [Shard("", a, b) for a, b in zip(edges, edges[1:]) if b > a]
-        load = [0] * count
-        mine = []
-        for i in sorted(range(len(self.files)), key=lambda i: (-self.sizes[i], i)):
-            p = min(range(count), key=lambda q: (load[q], q))
-            load[p] += self.sizes[i]
-            if p == index:
-                mine.append(i)
-        return [Shard(self.files[i]) for i in sorted(mine)]
+        mine = file_shares(self.sizes, count, max(workers, 1))[index]
+        return [Shard(self.files[i]) for i in mine]
 
     def pipeline(self, index: int, count: int, *, seed: int, shuffle: bool, workers: int = 0,
                  epochs: int | None = None):
@@ -145,6 +139,21 @@ class MixtureSource:
         return mixed_pipeline(parts, [self.weights[i] for i in used], tags=used, seed=seed,
                               shuffle=shuffle, shuffle_windows=self.shuffle_windows,
                               salt=(index,))
+
+
+def file_shares(sizes: list[int], count: int, need: int = 1) -> list[list[int]]:
+    """Files (indices) of each of `count` processes: balanced by bytes, largest first to the least
+    loaded process, except that every process gets at least `need` files (one per worker)."""
+    load, shares = [0] * count, [[] for _ in range(count)]
+    order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
+    for k, i in enumerate(order):
+        short = [q for q in range(count) if len(shares[q]) < need]
+        missing = sum(need - len(shares[q]) for q in short)
+        pool = short if short and len(order) - k <= missing else range(count)
+        p = min(pool, key=lambda q: (load[q], q))
+        load[p] += sizes[i]
+        shares[p].append(i)
+    return [sorted(s) for s in shares]
 
 
 def check_shares(source: str, files: list[str], records: int, count: int, workers: int) -> None:
