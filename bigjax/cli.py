@@ -159,6 +159,16 @@ def _data_parsers(sub) -> None:
     ins.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     ins.add_argument("-n", "--examples", type=int, default=3, help="examples to show per stage")
     ins.add_argument("--seconds", type=float, default=2.0, help="how long to measure throughput")
+    pp = _command(da_sub, "prepare", "tokenize a file corpus once into ArrayRecord shards",
+                  "Tokenize data.source (a file glob) into DIR: one ArrayRecord shard of token ids "
+                  "per input file and a manifest.json (tokenizer hash, documents and tokens per "
+                  "shard). A rerun skips finished shards; on a cluster each process does its "
+                  "share. Then train with data.source=DIR (no tokenization).\n\n"
+                  "  bigjax data prepare configs/gpt_tiny.yaml 'data.source=corpus/*.jsonl' "
+                  "--out corpus_tok/")
+    pp.add_argument("config", help="YAML config file")
+    pp.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    pp.add_argument("--out", required=True, help="output directory (created; reruns resume)")
     to_sub = _group(sub, "tokenizer", "train a byte-level BPE tokenizer")
     tt = _command(to_sub, "train", "train a byte-level BPE on text files",
                   "Train a byte-level BPE (GPT-2 style) on .txt/.jsonl/.csv/.parquet files; the "
@@ -242,11 +252,31 @@ def _data(args) -> int:
     from bigjax.config import load_config
     from bigjax.data.inspect import inspect
     cfg = load_config(args.config, args.overrides)
+    if args.data_command == "prepare":
+        return _prepare(cfg, args.out)
     if cfg.data.tokenizer or os.path.isdir(os.path.join(cfg.run.dir, "tokenizer")):
         print(inspect(cfg, cfg.run.dir, args.examples, args.seconds), flush=True)
         return 0
     with tempfile.TemporaryDirectory() as tmp:  # inspecting never writes into a run dir
         print(inspect(cfg, tmp, args.examples, args.seconds), flush=True)
+    return 0
+
+
+def _prepare(cfg, out: str) -> int:
+    import jax
+
+    from bigjax import distributed
+    from bigjax.data.prepare import prepare
+    distributed.initialize(cfg.distributed)
+    done = prepare(cfg, out, jax.process_index(), jax.process_count())
+    rate = done["tokens"] / max(done["seconds"], 1e-9)
+    print(f"process {jax.process_index()}: {done['written']} shards written, {done['skipped']} "
+          f"already done, {done['tokens']} tokens in {done['seconds']:.1f} s ({rate:.0f} tokens/s)",
+          flush=True)
+    if "manifest" in done:
+        m = done["manifest"]
+        print(f"wrote {out}/manifest.json: {len(m['shards'])} shards, {m['docs']} documents, "
+              f"{m['tokens']} tokens, tokenizer {m['tokenizer']}", flush=True)
     return 0
 
 

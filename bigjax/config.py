@@ -52,6 +52,14 @@ def derived(default: Any, source: str, **kw) -> Any:
 
 
 @dataclass(frozen=True)
+class SourceWeight:
+    """One corpus of an LM mixture (`data.sources`)."""
+
+    source: str = ""  # a file glob or tfds:NAME[/CONFIG], as data.source
+    weight: float = 1.0  # relative share of the training windows
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME[/CONFIG] | sklearn:digits (images) | file glob (.txt/.jsonl/.csv/.parquet)
     dir: str = ""  # tensorflow-datasets data dir ("" = tfds default); bigjax never downloads
@@ -68,6 +76,13 @@ class DataConfig:
     shuffle: bool = True
     workers: int = 0  # grain worker processes; 0 = in the main process
     threads: int = 0  # grain reader threads per process; 0 = grain's default (16)
+    # LM: read, tokenize and pack per process as training goes (file globs, tfds); auto = stream
+    # file globs above 64 MB and tfds splits above 100k records
+    stream: Literal["auto", True, False] = "auto"
+    tokenizer_sample_chars: int = 20_000_000  # streaming: the BPE bigjax trains sees this many chars
+    shuffle_windows: int = 1024  # streaming: windows shuffled together in one seeded block
+    # LM mixture, streamed: [{source: ..., weight: ...}, ...] replaces data.source
+    sources: list[SourceWeight] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -290,6 +305,8 @@ def to_dict(cfg: Any) -> dict:
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
+        if isinstance(v, list):
+            v = [to_dict(x) if dataclasses.is_dataclass(x) else x for x in v]
         out[_key(f)] = to_dict(v) if dataclasses.is_dataclass(v) else v
     return out
 
@@ -431,6 +448,28 @@ def _validate_data(d: DataConfig) -> None:
     for key in ("workers", "threads"):
         if getattr(d, key) < 0:
             raise ConfigError(f"data.{key} must be 0 or more, got {getattr(d, key)}")
+    for i, part in enumerate(d.sources):
+        if not part.source:
+            raise ConfigError(f"data.sources[{i}].source is empty (expected a file glob or "
+                              "tfds:NAME)")
+        if part.source.startswith(("builtin:", "sklearn:")):
+            raise ConfigError(f"data.sources[{i}].source: {part.source} cannot be streamed in a "
+                              "mixture (expected a file glob or tfds:NAME)")
+        if not part.weight >= 0 or part.weight == float("inf"):
+            raise ConfigError(f"data.sources[{i}].weight must be a finite number >= 0, got "
+                              f"{part.weight} (source {part.source})")
+    if d.sources and not sum(p.weight for p in d.sources) > 0:
+        raise ConfigError("data.sources: every weight is 0; give at least one source a "
+                          "positive weight")
+    if d.sources and d.stream is False:
+        raise ConfigError("data.sources (a mixture) is streamed; leave data.stream at auto or "
+                          "true")
+    if d.sources and d.eval_split:
+        raise ConfigError("data.sources: data.eval_split is not supported with a mixture; each "
+                          "source holds out data.val_fraction of its files")
+    for key in ("tokenizer_sample_chars", "shuffle_windows"):
+        if getattr(d, key) < 1:
+            raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
     scheme = d.source.split(":", 1)[0] if ":" in d.source else ""
     # a one-letter scheme is a Windows drive, one with "/" a path with a colon in it
     if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds", "sklearn"):

@@ -21,8 +21,9 @@ from bigjax import mesh as mesh_lib
 from bigjax.build import build
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
 from bigjax.config import Config, load_config, save_config, to_dict
-from bigjax.data.loader import TrainLoader, eval_batches
+from bigjax.data.loader import eval_batches
 from bigjax.data.pipeline import build_data
+from bigjax.data.stream_loader import make_train_loader
 from bigjax.data.types import Data
 from bigjax.errors import CheckpointError, ConfigError
 from bigjax.perf import flops_per_token, mfu, peak
@@ -242,10 +243,11 @@ class Trainer:
         self.checkpointer.check_writable()  # fail now, not at the first save after hours of steps
         start = int(jax.device_get(state.step))
         save_config(cfg, os.path.join(self.run_dir, "config.yaml")) if jax.process_index() == 0 else None
-        loader = TrainLoader(self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                             sharding=self.parts.batch_sharding, process_index=jax.process_index(),
-                             process_count=jax.process_count(), workers=cfg.data.workers,
-                             threads=cfg.data.threads, prefetch=PREFETCH)
+        loader = make_train_loader(
+            self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
+            sharding=self.parts.batch_sharding, process_index=jax.process_index(),
+            process_count=jax.process_count(), workers=cfg.data.workers,
+            threads=cfg.data.threads, prefetch=PREFETCH)
         if self._data_state:
             loader.restore(self._data_state)
         report = Reporter(self.run_dir, t.steps, start, t.progress)
@@ -266,7 +268,7 @@ class Trainer:
             self.checkpointer.check_metrics(last)  # a wrong keep_best_metric fails now, not later
 
         handlers = self._install_signal_handlers()
-        pending: tuple[int, Any] | None = None
+        pending: tuple[int, Any, dict] | None = None
         t_last, step_last = time.perf_counter(), start
         preempted = False
         try:
@@ -287,7 +289,7 @@ class Trainer:
                                                   tokens_per_step, flops_tok, peak_total)
                     pending = None
                 if step % t.log_every == 0 or step == t.steps:
-                    pending = (step, metrics)
+                    pending = (step, metrics, loader.metrics())  # counts of this step's batches
                 self.state = state
                 evaluated = bool(t.eval_every and step % t.eval_every == 0 and step < t.steps)
                 if evaluated:
@@ -335,7 +337,7 @@ class Trainer:
 
     def _log(self, report: Reporter, pending, t_last: float, step_last: int, tokens_per_step: int,
              flops_tok: float, peak: float) -> tuple[float, int]:
-        step, metrics = pending
+        step, metrics, loader_counts = pending
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         dt = (now - t_last) / max(step - step_last, 1)
@@ -346,6 +348,7 @@ class Trainer:
                "tokens_per_s_per_device": tokens_per_step / dt / jax.device_count()}
         if peak > 0:  # at most 1: above it, the peak was measured low (a busy CPU)
             row["mfu"] = mfu(flops_tok * row["tokens_per_s"], peak)
+        row.update(loader_counts)  # a mixture's tokens per source, up to this step
         report.log(row)
         report.progress(step, {"loss": f"{finals['loss']:.3f}", "tok/s": f"{row['tokens_per_s']:.0f}"})
         return now, step

@@ -85,3 +85,22 @@ def test_a_dataset_with_a_config_from_a_lazily_imported_package():
         records = tfds_records("tfds:glue/sst2", "validation", "", ("sentence", "label"))
         assert len(records) == 6
         assert sorted(records[0]) == ["label", "sentence"] and isinstance(records[0]["sentence"], str)
+
+
+def test_a_streamed_tfds_split_gives_the_in_memory_windows_and_splits_records(tmp_path):
+    import numpy as np
+    with tfds.testing.mock_data(num_examples=40):
+        args = ["data.source=tfds:imdb_reviews", "data.eval_split=test", "data.vocab_size=300",
+                "train.seq_len=8", f"run.dir={tmp_path}"]
+        memory = build_data(load_config(None, args + ["data.stream=false"]), str(tmp_path))
+        # the same run dir: the tokenizer trained above is loaded, not trained on the sample
+        stream = build_data(load_config(None, args + ["data.stream=true"]), str(tmp_path)).train
+        got = list(stream.pipeline(0, 1, seed=0, shuffle=False, epochs=1))
+        assert len(got) == len(memory.train) > 40
+        for i in (0, 25, len(got) - 1):
+            for k, v in memory.train[i].items():
+                np.testing.assert_array_equal(got[i][k], v, err_msg=f"window {i} {k}")
+        # two processes: records [0, 20) and [20, 40), in chunks
+        shares = [stream.process_shards(p, 2) for p in range(2)]
+        assert [(s[0].start, s[-1].stop) for s in shares] == [(0, 20), (20, 40)]
+        assert all(a.stop == b.start for s in shares for a, b in zip(s, s[1:]))

@@ -13,9 +13,13 @@ import numpy as np
 
 from bigjax.config import Config
 from bigjax.data.lm import PaddedDocs
-from bigjax.data.loader import TrainLoader
+from bigjax.data.lm_stream import StreamSource, wants_stream
 from bigjax.data.pipeline import build_data
+from bigjax.data.prepared import is_prepared, prepared_files
 from bigjax.data.records import read_texts
+from bigjax.data.sources import ReadStats, files_for
+from bigjax.data.stream import Reading, Shard
+from bigjax.data.stream_loader import make_train_loader
 
 
 def _short(text: str, width: int) -> str:
@@ -39,7 +43,7 @@ def _token_ids(example: dict[str, np.ndarray], n: int) -> np.ndarray:
 
 def measure_throughput(source: Any, batch: int, cfg: Config, seconds: float) -> dict[str, float]:
     """Examples/s and tokens/s of the loader (one process, no device transfer) over `seconds`."""
-    loader = TrainLoader(source, batch, seed=cfg.seed, shuffle=cfg.data.shuffle, sharding=None,
+    loader = make_train_loader(source, batch, seed=cfg.seed, shuffle=cfg.data.shuffle, sharding=None,
                          workers=cfg.data.workers, threads=cfg.data.threads)
     next(loader)  # waits for start-up (threads, worker processes), which is not throughput
     t0 = time.perf_counter()
@@ -64,8 +68,19 @@ def measure_throughput(source: Any, batch: int, cfg: Config, seconds: float) -> 
 def inspect(cfg: Config, run_dir: str, n: int = 3, seconds: float = 2.0, width: int = 300) -> str:
     lines: list[str] = []
     out = lines.append
-    texts, stats = read_texts(cfg, "train")
-    out(f"== source: {cfg.data.source} ({stats.summary()})")
+    streamed = cfg.task.name == "causal_lm" and wants_stream(cfg)
+    if streamed:  # the first records of the first shard, not the whole corpus
+        d = cfg.data
+        tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
+        prepared = is_prepared(d.source)
+        first = prepared_files(d.source)[0] if prepared else files_for(d.source)[0]
+        shard = Shard(first) if tfds is None else Shard("", 0, n)
+        reading = Reading(d.text_field, d.on_bad_rows, tfds, prepared)
+        texts = [t for t, _ in zip((t for t in reading.texts(shard) if t is not None), range(n))]
+        stats = ReadStats(rows=len(texts))
+    else:
+        texts, stats = read_texts(cfg, "train")
+    out(f"== source: {cfg.data.source} ({'streamed; ' if streamed else ''}{stats.summary()})")
     for i, t in enumerate(texts[:n]):
         out(f"[{i}] {_short(t, width)}")
     t0 = time.perf_counter()
@@ -73,17 +88,26 @@ def inspect(cfg: Config, run_dir: str, n: int = 3, seconds: float = 2.0, width: 
     build_s = time.perf_counter() - t0
     tok = data.tokenizer
     out(f"== tokenized ({type(tok).__name__}, {len(tok)} tokens in the vocabulary)")
-    for i, ids in enumerate(tok(texts[:n], add_special_tokens=False)["input_ids"]):
+    ids_of = [t.tolist() if isinstance(t, np.ndarray) else None for t in texts[:n]]
+    if any(i is None for i in ids_of):
+        ids_of = tok(texts[:n], add_special_tokens=False)["input_ids"]
+    for i, ids in enumerate(ids_of):  # a prepared dir's documents are token ids already
         out(f"[{i}] {len(ids)} tokens: {ids[:16]}{' ...' if len(ids) > 16 else ''}")
-    out(f"== examples: {len(data.train)} train, {len(data.eval)} eval "
+    train = data.train
+    if isinstance(train, StreamSource):  # the first windows of process 0's stream
+        it = iter(train.pipeline(0, 1, seed=cfg.seed, shuffle=cfg.data.shuffle))
+        train = [next(it) for _ in range(max(n, 1))]
+    count = "streamed" if isinstance(data.train, StreamSource) else str(len(data.train))
+    out(f"== examples: {count} train, {len(data.eval)} eval "
         f"(built in {build_s:.1f}s; {', '.join(f'{k}={v}' for k, v in data.info.items())})")
-    for i in range(min(n, len(data.train))):
-        ex = data.train[i]
+    for i in range(min(n, len(train))):
+        ex = train[i]
         k = example_tokens(ex, data.train)
         keys = ", ".join(f"{name}{list(v.shape)}" for name, v in ex.items())
         out(f"[{i}] {k} tokens, {float(ex['weights'].sum()):g} weighted ({keys})")
         out(f"    {_short(tok.decode(_token_ids(ex, k)), width)}")
-    batch = min(cfg.train.batch_size, len(data.train))
+    batch = (cfg.train.batch_size if isinstance(data.train, StreamSource)
+             else min(cfg.train.batch_size, len(data.train)))
     speed = measure_throughput(data.train, batch, cfg, seconds)
     out(f"== throughput (batch {batch}, workers={cfg.data.workers}, {speed['seconds']:.1f}s): "
         f"{speed['examples_per_s']:.0f} examples/s, {speed['tokens_per_s']:.0f} tokens/s")

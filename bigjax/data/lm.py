@@ -8,16 +8,21 @@ counted and dropped, not silently).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
 
 from bigjax import distributed
 from bigjax.config import Config
+from bigjax.data.lm_stream import (MixtureSource, bounded_texts, check_shares, sample_shards,
+                                   split_inputs, stream_source,
+                                   tokenizer_sample, wants_stream)
+from bigjax.data.prepared import check_tokenizer, is_prepared
 from bigjax.data.records import read_texts, split_docs
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
 from bigjax.data.types import Data
@@ -102,8 +107,11 @@ class PaddedDocs:
                 "positions": np.arange(L, dtype=np.int32)}
 
 
-def get_tokenizer(cfg: Config, texts: list[str], run_dir: str):
-    """`data.tokenizer`, else the run's own BPE (trained on `texts` the first time)."""
+def get_tokenizer(cfg: Config, texts: list[str] | Callable[[], Iterable[str]], run_dir: str):
+    """`data.tokenizer`, else the run's own BPE (trained on `texts` the first time; a callable
+    is called only then, so a process that does not train never reads them)."""
+    if callable(texts):
+        texts = _Lazy(texts)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
     cached = os.path.join(run_dir, "tokenizer")
@@ -120,6 +128,16 @@ def get_tokenizer(cfg: Config, texts: list[str], run_dir: str):
     return train_bpe(texts, cfg.data.vocab_size, cached)
 
 
+class _Lazy:
+    """Texts read on first iteration (the streaming path's tokenizer sample)."""
+
+    def __init__(self, read: Callable[[], Iterable[str]]):
+        self.read = read
+
+    def __iter__(self):
+        return iter(self.read())
+
+
 def lm_examples(cfg: Config, docs_ids: list[list[int]], tok: Any) -> PackedWindows | PaddedDocs:
     if cfg.data.pack:
         return PackedWindows(TokenStream.from_docs(docs_ids, tok.eos_token_id), cfg.train.seq_len)
@@ -127,7 +145,10 @@ def lm_examples(cfg: Config, docs_ids: list[list[int]], tok: Any) -> PackedWindo
 
 
 def build_lm_data(cfg: Config, run_dir: str) -> Data:
-    """`task.name: causal_lm`: documents -> tokens -> packed (or padded) windows."""
+    """`task.name: causal_lm`: documents -> tokens -> packed (or padded) windows; large file
+    globs and tfds splits stream instead (`data.stream`, bigjax.data.lm_stream)."""
+    if wants_stream(cfg):
+        return build_lm_stream(cfg, run_dir)
     texts, stats = read_texts(cfg, "train")
     val_texts, val_stats = read_texts(cfg, "eval")
     tok = get_tokenizer(cfg, texts, run_dir)
@@ -157,6 +178,73 @@ def build_lm_data(cfg: Config, run_dir: str) -> Data:
     return Data(train=train, eval=val, tokenizer=tok, info=info, sizes={"vocab": len(tok)},
                 summary=f"{len(texts)} training documents in {len(train)} {unit} of "
                         f"{cfg.train.seq_len} tokens")
+
+
+def _ids(tok: Any, texts: list) -> list[list[int]]:
+    """Token ids of texts, or of a prepared dir's documents (ids already)."""
+    ids = [t.tolist() if isinstance(t, np.ndarray) else None for t in texts]
+    todo = [t for t, i in zip(texts, ids) if i is None]
+    done = iter(tok(todo, add_special_tokens=False)["input_ids"] if todo else [])
+    return [i if i is not None else next(done) for i in ids]
+
+
+def build_lm_stream(cfg: Config, run_dir: str) -> Data:
+    """The streaming path: the training text is read by the loader's pipeline, per process; here
+    only the corpus is listed, the tokenizer prepared (from a bounded sample) and the held-out
+    evaluation text (at most data.max_chars characters) read and packed. `data.sources`: the same
+    for each corpus of the mixture."""
+    d = cfg.data
+    named = ([(f"data.sources[{i}]", p.source, p.weight) for i, p in enumerate(d.sources)]
+             or [("data.source", d.source, 1.0)])
+    parts = []
+    for key, source, weight in named:  # every source listed and checked before any is read
+        part = dataclasses.replace(cfg, data=dataclasses.replace(d, source=source))
+        try:
+            files, held, records, held_range = split_inputs(part)
+            check_shares(source, files, records, jax.process_count(), d.workers)
+        except DataError as e:
+            if not d.sources:
+                raise
+            raise DataError(f"{key} ({source}): {str(e).removeprefix('data.source: ')}")
+        parts.append((part, weight, files, held, records, held_range))
+    total = sum(w for _, w, *_ in parts)
+    prepared = [source for _, source, _ in named if is_prepared(source)]
+    if prepared:  # token ids already: the tokenizer they were made with, checked for each
+        tok_dir = check_tokenizer(prepared[0], d.tokenizer)
+        for source in prepared[1:]:
+            check_tokenizer(source, tok_dir)
+        tok = load_tokenizer(tok_dir)
+    else:
+        samples = [tokenizer_sample(part, files, records,
+                                    max(int(d.tokenizer_sample_chars * w / total), 1))
+                   for part, w, files, _, records, _ in parts if w > 0]
+        tok = get_tokenizer(cfg, lambda: [t for sample in samples for t in sample()], run_dir)
+    sources = [stream_source(part, tok, files, records) for part, _, files, _, records, _ in parts]
+    train = (MixtureSource(sources, [w for _, w, *_ in parts], [n[1] for n in named])
+             if d.sources else sources[0])
+    if d.eval_split:
+        val_texts, _ = read_texts(cfg, "eval")
+    else:
+        val_texts = [t for part, _, _, held, _, held_range in parts
+                     for t in bounded_texts(part, sample_shards(held, held_range),
+                                            d.max_chars // len(parts), cfg.seed)]
+    val = lm_examples(cfg, _ids(tok, val_texts), tok)
+    if len(val) == 0:
+        raise DataError(f"data.eval_split / held-out text: too little for "
+                        f"train.seq_len={cfg.train.seq_len} (0 validation windows)")
+    n_files = sum(len(p[2]) for p in parts)
+    n_records = sum(p[4] for p in parts)
+    size = sum(sum(s.sizes) for s in sources) / 1e6
+    units = (f"{n_files} files ({size:.1f} MB)" if n_files else "") + \
+        (" and " if n_files and n_records else "") + (f"{n_records} records" if n_records else "")
+    info = {"stream": True, "train_files": n_files, "train_records": n_records,
+            "eval_documents": len(val_texts), "eval_examples": len(val),
+            "tokenizer_sample_chars": d.tokenizer_sample_chars}
+    log.info("data: %s", info)
+    mix = f" from {len(parts)} sources by weight" if d.sources else ""
+    return Data(train=train, eval=val, tokenizer=tok, info=info, sizes={"vocab": len(tok)},
+                summary=f"streaming {units}{mix} in windows of {cfg.train.seq_len} tokens, "
+                        f"each process its share")
 
 
 register_data("lm", build_lm_data)

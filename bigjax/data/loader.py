@@ -114,6 +114,10 @@ class TrainLoader:
         self._ahead.clear()
         self._it.close()
 
+    def metrics(self) -> dict[str, int]:
+        """Counts for the logged rows (none here; a streamed mixture's tokens per source)."""
+        return {}
+
     def state(self) -> dict:
         """JSON-able position of the next batch `next()` returns (batches read ahead are not
         counted), stored in checkpoints with orbax JsonSave."""
