@@ -13,9 +13,8 @@ import time
 from typing import Any
 
 import jax
-from etils import epath
 
-from bigjax.paths import PathLike, is_remote, write_text
+from bigjax.paths import PathLike, is_remote, run_path, write_text
 
 log = logging.getLogger("bigjax")
 
@@ -34,7 +33,7 @@ class MetricsFile:
     again on resume anyway)."""
 
     def __init__(self, path: PathLike, upload_every_s: float = 30.0):
-        self.path = epath.Path(path)
+        self.path = run_path(path)
         self.remote = is_remote(path)
         self.upload_every_s = upload_every_s
         if self.remote:
@@ -86,8 +85,8 @@ class Reporter:
         self.tb = None
         if not self.active:
             return
-        self.jsonl = MetricsFile(epath.Path(run_dir) / "metrics.jsonl")
-        self.tb = _summary_writer(str(epath.Path(run_dir) / "tb"))
+        self.jsonl = MetricsFile(run_path(run_dir) / "metrics.jsonl")
+        self.tb = _summary_writer(str(run_path(run_dir) / "tb"))
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -132,7 +131,7 @@ class Reporter:
 
 
 def read_metrics(run_dir: PathLike) -> list[dict]:
-    path = epath.Path(run_dir) / "metrics.jsonl"
+    path = run_path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
@@ -159,7 +158,7 @@ def plot_losses(run_dir: PathLike) -> str | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = epath.Path(run_dir) / "loss.png"
+    path = run_path(run_dir) / "loss.png"
     fig.tight_layout()
     png = io.BytesIO()  # matplotlib writes local files only
     fig.savefig(png, format="png", dpi=100)
