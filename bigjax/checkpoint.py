@@ -71,8 +71,8 @@ def unwritable_reason(directory: PathLike) -> str | None:
         probe = epath.Path(private_path(directory / ".write_test"))
         probe.write_text("ok")
         probe.unlink()
-    except OSError as e:
-        return str(e.strerror or e)
+    except Exception as e:  # OSError locally; object-store clients raise their own types
+        return str(getattr(e, "strerror", None) or first_line(e))
     return None
 
 
