@@ -16,6 +16,8 @@ from typing import Iterator, Union
 
 from etils import epath
 
+from bigjax.errors import ConfigError
+
 PathLike = Union[str, os.PathLike]
 # `file://` is no epath scheme (it would become a relative path `file:/...`): it is stripped here
 _FILE = "file://"
@@ -32,7 +34,7 @@ def run_path(path: PathLike, absolute: bool = True) -> epath.Path:
     if text.startswith(_FILE):
         text = text[len(_FILE):]
         if not text.startswith("/"):  # file://host/x names another machine's file
-            raise ValueError(f"'{path}': only file:///absolute/path URIs are local paths")
+            raise ConfigError(f"'{path}': a file:// URI needs an absolute path (file:///x)")
     p = epath.Path(text)
     return p if is_remote(p) or not absolute else epath.Path(os.path.abspath(text))
 

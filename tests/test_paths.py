@@ -60,6 +60,13 @@ def test_a_bad_run_dir_is_one_line_before_anything_runs(value, problem, tmp_path
     assert os.listdir(tmp_path / "cwd") == []  # epath would have made a local `gcs:` dir
 
 
+def test_a_file_uri_with_a_host_is_one_line_for_every_command(capsys):
+    assert cli.run(["eval", "file://host/run"]) == 2
+    assert cli.run(["checkpoints", "file://host/run"]) == 2
+    assert capsys.readouterr().err.strip().split("\n") == [
+        "bigjax: error: 'file://host/run': a file:// URI needs an absolute path (file:///x)"] * 2
+
+
 def _fake_step(step_dir: epath.Path, files=REQUIRED_FILES + ("commit_success.txt",)) -> None:
     for f in files:
         (step_dir / f).parent.mkdir(parents=True, exist_ok=True)

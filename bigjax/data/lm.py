@@ -9,7 +9,6 @@ counted and dropped, not silently).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
