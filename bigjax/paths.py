@@ -132,4 +132,6 @@ def local_staging(final: PathLike) -> str:
         return tempfile.mkdtemp(prefix="bigjax-staging-")
     parent = os.path.dirname(os.fspath(run_path(final)))
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=".staging-", dir=parent)
+    staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp's 0700 would stay on the published dir: others read it
+    return staging
