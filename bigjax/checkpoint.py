@@ -19,12 +19,13 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers as policies
 
 from bigjax.config import CheckpointConfig
-from bigjax.distributed import private_path
 from bigjax.errors import CheckpointError, first_line
 from bigjax.mesh import path_str
+from bigjax.paths import COMMIT_FILE, PathLike, private_path, run_path
 # what makes a checkpoint complete lives without JAX, for launchers
 from bigjax.resume import REQUIRED_FILES, missing_files  # noqa: F401
 
@@ -62,20 +63,20 @@ RESUMABLE_MODEL_KEYS = frozenset({"dropout", "attention_dropout", "dtype", "init
                                   "loss_chunk", "attention"})
 
 
-def unwritable_reason(directory: str) -> str | None:
+def unwritable_reason(directory: PathLike) -> str | None:
     """Why files cannot be created in `directory` (made if missing), or None if they can."""
+    directory = epath.Path(directory)
     try:
-        os.makedirs(directory, exist_ok=True)
-        probe = private_path(os.path.join(directory, ".write_test"))
-        with open(probe, "w") as fh:
-            fh.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        return str(e.strerror or e)
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = epath.Path(private_path(directory / ".write_test"))
+        probe.write_text("ok")
+        probe.unlink()
+    except Exception as e:  # OSError locally; object-store clients raise their own types
+        return str(getattr(e, "strerror", None) or first_line(e))
     return None
 
 
-def _probe_writable(directory: str) -> None:
+def _probe_writable(directory: PathLike) -> None:
     reason = unwritable_reason(directory)
     if reason:
         raise CheckpointError(f"checkpoint directory '{directory}' is not writable "
@@ -127,8 +128,8 @@ class Restored:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, cfg: CheckpointConfig):
-        self.directory = os.path.abspath(os.path.join(run_dir, "checkpoints"))
+    def __init__(self, run_dir: PathLike, cfg: CheckpointConfig):
+        self.directory = run_path(run_dir) / "checkpoints"
         _single_process_array_handler()
         keep: list[policies.PreservationPolicy] = [policies.LatestN(n=cfg.keep)]
         if cfg.keep_best_metric:
@@ -184,7 +185,7 @@ class Checkpointer:
     def _write_error(self, step: int | None, e: BaseException) -> CheckpointError:
         # An async save fails in its thread and surfaces at the next call, so name no step.
         kept = [s for s in self.all_steps()
-                if not missing_files(os.path.join(self.directory, str(s)))]
+                if not missing_files(self.directory / str(s))]
         reason = first_line(e)
         code = re.search(r"os_error_code='(\d+)'", str(e))  # tensorstore hides errno at the end
         if code:
@@ -206,10 +207,9 @@ class Checkpointer:
         return Restored(step, out["state"], out["data"], out["meta"])
 
     def read_meta(self, step: int) -> dict:
-        path = os.path.join(self.directory, str(step), "meta", "metadata")
+        path = self.directory / str(step) / "meta" / "metadata"
         try:
-            with open(path, encoding="utf-8") as fh:
-                return json.load(fh)
+            return json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint step {step} in {self.directory}: metadata "
                                   f"unreadable ({first_line(e)})")
@@ -218,7 +218,7 @@ class Checkpointer:
         """Raise CheckpointError (damaged) or ModelMismatch (fine, but another model's).
         `config`: the run's config as plain data (`to_dict`)."""
         where = f"checkpoint step {step} in {self.directory}"
-        gone = missing_files(os.path.join(self.directory, str(step)))
+        gone = missing_files(self.directory / str(step))
         if gone:
             raise CheckpointError(f"{where} is incomplete (missing {', '.join(gone)})")
         saved_config = self.read_meta(step).get("config", {})
@@ -229,7 +229,7 @@ class Checkpointer:
                 f"model config, a new run.dir, or init.from={self.directory}@{step} to start "
                 f"from its parameters")
         try:
-            saved = flat_shapes(read_tree_metadata(os.path.join(self.directory, str(step), "state")))
+            saved = flat_shapes(read_tree_metadata(self.directory / str(step) / "state"))
         except Exception as e:
             raise CheckpointError(f"{where}: array metadata unreadable ({first_line(e)})")
         want = flat_shapes(abstract_state)
@@ -277,17 +277,7 @@ class Checkpointer:
         if not steps:
             return
         if jax.process_index() == 0:
-            aside = self.directory + "_damaged"
-            for step in steps:
-                target = os.path.join(aside, f"{step}-{time.strftime('%Y%m%dT%H%M%S')}")
-                try:
-                    os.makedirs(aside, exist_ok=True)
-                    os.rename(os.path.join(self.directory, str(step)), target)
-                except OSError as e:
-                    raise CheckpointError(
-                        f"cannot move damaged checkpoint step {step} out of {self.directory} "
-                        f"({e.strerror or e}); the run would save that step again over it")
-                log.warning("warning: damaged checkpoint step %d moved to %s", step, target)
+            set_aside(self.directory, steps)
         self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
@@ -298,9 +288,29 @@ class Checkpointer:
         self.manager.close()
 
 
-def read_tree_metadata(item_dir: str) -> Any:
+def set_aside(directory: PathLike, steps: list[int]) -> list[epath.Path]:
+    """Move the step dirs `steps` of a checkpoints dir to `<it>_damaged/<step>-<time>`; returns
+    where they went. On object storage the move is a copy then a delete (no rename there)."""
+    directory = epath.Path(directory)
+    aside = directory.parent / (directory.name + "_damaged")
+    moved = []
+    for step in steps:
+        target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+        try:
+            aside.mkdir(parents=True, exist_ok=True)
+            (directory / str(step)).rename(target)
+        except OSError as e:
+            raise CheckpointError(
+                f"cannot move damaged checkpoint step {step} out of {directory} "
+                f"({e.strerror or e}); the run would save that step again over it")
+        log.warning("warning: damaged checkpoint step %d moved to %s", step, target)
+        moved.append(target)
+    return moved
+
+
+def read_tree_metadata(item_dir: PathLike) -> Any:
     """The saved tree of one item (shapes, dtypes), without reading arrays."""
-    item_dir = os.path.abspath(item_dir)  # orbax reads no array metadata through a relative path
+    item_dir = run_path(item_dir)  # orbax reads no array metadata through a relative path
     absl_log = logging.getLogger("absl")
     level = absl_log.level
     absl_log.setLevel(logging.ERROR)  # orbax warns that a composite item has no step metadata
@@ -339,48 +349,47 @@ class CheckpointInfo:
     problem: str  # why it is not complete; "" when complete
 
 
-def _dir_size(path: str) -> int:
+def _dir_size(path: epath.Path) -> int:
     total = 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(root, f))
-            except OSError:
-                pass
+    for child in path.iterdir():
+        try:
+            total += _dir_size(child) if child.is_dir() else child.stat().length
+        except OSError:
+            pass
     return total
 
 
-def list_checkpoints(run_dir: str) -> list[CheckpointInfo]:
+def _read_json(path: epath.Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def list_checkpoints(run_dir: PathLike) -> list[CheckpointInfo]:
     """Every step directory under `<run_dir>/checkpoints`, finished or not, oldest first."""
-    directory = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(run_dir):
+    root = run_path(run_dir, absolute=False)
+    directory = root / "checkpoints"
+    if not root.is_dir():
         raise CheckpointError(f"run dir '{run_dir}' does not exist")
-    if not os.path.isdir(directory):
+    if not directory.is_dir():
         raise CheckpointError(f"'{run_dir}' holds no checkpoints/ directory (is it a run dir?)")
     out = []
-    for name in os.listdir(directory):
+    for path in directory.iterdir():
+        name = path.name
         head = name.split(".", 1)[0]
         if not head.isdigit():
             continue
-        path = os.path.join(directory, name)
         tmp = name != head  # orbax writes into `<step>.orbax-checkpoint-tmp-*`, then renames
-        info = {}
-        try:
-            with open(os.path.join(path, "_CHECKPOINT_METADATA"), encoding="utf-8") as fh:
-                info = json.load(fh)
-        except (OSError, ValueError):
-            pass
+        info = _read_json(path / "_CHECKPOINT_METADATA") or {}
         metrics = info.get("metrics") or {}
-        try:  # orbax keeps the metrics given to save() in their own item when best_fn is set
-            with open(os.path.join(path, "metrics", "metrics"), encoding="utf-8") as fh:
-                metrics = json.load(fh)
-        except (OSError, ValueError):
-            pass
+        # orbax keeps the metrics given to save() in their own item when best_fn is set
+        metrics = _read_json(path / "metrics" / "metrics") or metrics
         gone = missing_files(path)
-        problem = ("unfinished save (orbax ignores it)" if tmp else
+        problem = ("unfinished save (orbax ignores it)" if tmp or gone == [COMMIT_FILE] else
                    f"missing {', '.join(gone)}" if gone else "")
         stamp = info.get("commit_timestamp_nsecs")
-        out.append(CheckpointInfo(step=int(head), path=path,
+        out.append(CheckpointInfo(step=int(head), path=str(path),
                                   time=stamp / 1e9 if stamp else None,
                                   size_bytes=_dir_size(path), metrics=metrics,
                                   complete=not problem, problem=problem))

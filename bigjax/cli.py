@@ -251,10 +251,11 @@ def _data(args) -> int:
 
     from bigjax.config import load_config
     from bigjax.data.inspect import inspect
+    from bigjax.paths import run_path
     cfg = load_config(args.config, args.overrides)
     if args.data_command == "prepare":
         return _prepare(cfg, args.out)
-    if cfg.data.tokenizer or os.path.isdir(os.path.join(cfg.run.dir, "tokenizer")):
+    if cfg.data.tokenizer or (run_path(cfg.run.dir) / "tokenizer").is_dir():
         print(inspect(cfg, cfg.run.dir, args.examples, args.seconds), flush=True)
         return 0
     with tempfile.TemporaryDirectory() as tmp:  # inspecting never writes into a run dir

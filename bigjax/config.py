@@ -17,11 +17,12 @@ from typing import Any, Literal
 import yaml
 
 from bigjax.errors import ConfigError, first_line
+from bigjax.paths import run_dir_problem, run_path, write_text
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    dir: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, plots, config.yaml
+    dir: str = "runs/default"  # run directory: a local path, file:///abs/path, gs://BUCKET/PATH or s3://BUCKET/PATH
 
 
 @dataclass(frozen=True)
@@ -359,10 +360,11 @@ def read_config_data(path: str | os.PathLike | None, overrides: list[str] | None
     neither the registry nor JAX: `bigjax.resume` reads run.dir from it)."""
     data: dict = {}
     if path is not None:
-        if not os.path.isfile(path):
+        file = run_path(path, absolute=False)  # a run's own config.yaml may be on object storage
+        if not file.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            with open(path, encoding="utf-8") as fh:
+            with file.open("r", encoding="utf-8") as fh:
                 data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {first_line(e)}")
@@ -407,6 +409,9 @@ def validate(cfg: Config) -> None:
     """Checks that need no devices (mesh and shape checks live in mesh.py); then the model's and
     the task's own (`ModelConfig.check`, `TaskConfig.check`)."""
     t, o = cfg.train, cfg.optimizer
+    problem = run_dir_problem(cfg.run.dir)
+    if problem:
+        raise ConfigError(f"run.dir='{cfg.run.dir}': {problem}")
     if cfg.distributed.hang_timeout_s < 0:
         raise ConfigError(f"distributed.hang_timeout_s must be 0 (never) or a number of seconds, "
                           f"got {cfg.distributed.hang_timeout_s}")
@@ -480,12 +485,12 @@ def _validate_data(d: DataConfig) -> None:
 def init_run_dir(source: str) -> str:
     """The run dir behind an `init.from` value (run dir, its checkpoints dir or one step dir, with
     optional `@step`; not hf:), from the path alone: where the source's tokenizer and labels are."""
-    path = os.path.normpath(source.partition("@")[0])
-    if os.path.basename(path).isdigit() and os.path.basename(os.path.dirname(path)) == "checkpoints":
-        path = os.path.dirname(path)
-    return os.path.dirname(path) if os.path.basename(path) == "checkpoints" else path
+    path = run_path(source.partition("@")[0], absolute=False)
+    if path.name.isdigit() and path.parent.name == "checkpoints":
+        path = path.parent
+    return str(path.parent if path.name == "checkpoints" else path)
 
 
-def save_config(cfg: Config, path: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        yaml.safe_dump(to_dict(cfg), fh, sort_keys=False)
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Whole or not at all (write-then-rename), on any epath backend."""
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import faulthandler
 import os
-import socket
 import sys
 import threading
 import time
@@ -24,15 +23,10 @@ import jax
 
 from bigjax.config import DistributedConfig
 from bigjax.errors import BigjaxError, first_line
+from bigjax.paths import private_path  # noqa: F401  (where write-then-rename callers found it)
 
 DEFAULT_PORT = 8476  # coordinator port when a cluster gives a host but no port
 AUTO = "auto"  # distributed.coordinator value: let JAX detect the cluster (TPU pod VMs)
-
-
-def private_path(path: str) -> str:
-    """A sibling of `path` that no other process writes, for write-then-rename: several hosts of a
-    pod write the same run dir on shared storage, and containers often share process ids."""
-    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 class DistributedError(BigjaxError):

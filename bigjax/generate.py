@@ -11,7 +11,6 @@ prompt length or `max_new_tokens` within a bucket reuses the compiled loop.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -25,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from bigjax import mesh as mesh_lib
 from bigjax.errors import ConfigError
 from bigjax.models.kv_cache import supports_cache
+from bigjax.paths import run_path, write_text
 from bigjax.step import with_activation_sharding
 
 MIN_BUCKET = 16  # the smallest prompt and new-token bucket: tiny requests share one compile
@@ -170,7 +170,7 @@ class Generator:
         params = jax.device_put(hf.load_params(hf_dir, cfg), parts.shardings.params)
         model_state = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
                                    parts.abstract.model_state)
-        has_tokenizer = any(os.path.isfile(os.path.join(hf_dir, f))
+        has_tokenizer = any((run_path(hf_dir) / f).is_file()
                             for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         return cls.from_components(parts, params, model_state,
                                    load_tokenizer(hf_dir) if has_tokenizer else None)
@@ -330,9 +330,10 @@ def write_samples(run_dir: str, step: int, samples: Sequence[Completion], tb=Non
     """One row per prompt in `run_dir`/samples.jsonl ({"step", "prompt", "completion",
     "tokens"}) and, given a TensorBoard writer, a text entry per prompt at `step`."""
     import json
-    with open(os.path.join(run_dir, SAMPLES), "a", encoding="utf-8") as fh:
-        for c in samples:
-            fh.write(json.dumps({"step": step, **c.to_dict()}) + "\n")
+    path = run_path(run_dir) / SAMPLES
+    # object stores cannot append: the (small) file is written whole, through a temporary name
+    rows = "".join(json.dumps({"step": step, **c.to_dict()}) + "\n" for c in samples)
+    write_text(path, (path.read_text(encoding="utf-8") if path.exists() else "") + rows)
     if tb is not None:
         for i, c in enumerate(samples):
             tb.add_text(f"samples/{i}", f"**{c.prompt}**{c.completion}", step)

@@ -8,17 +8,18 @@ straight into the run's shardings (orbax partial restore), so no full copy sits 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from bigjax.checkpoint import flat_shapes, missing_files, read_tree_metadata
 from bigjax.config import Config
 from bigjax.errors import CheckpointError, first_line
 from bigjax.mesh import path_str
+from bigjax.paths import run_path
 from bigjax.state import nest_paths
 
 log = logging.getLogger("bigjax")
@@ -37,22 +38,21 @@ def _unflat_like(flat: dict[str, Any], like: Any) -> Any:
     return jax.tree_util.tree_unflatten(treedef, [flat[k] for k in keys])
 
 
-def resolve_step_dir(source: str) -> str:
+def resolve_step_dir(source: str) -> epath.Path:
     """`run_dir | checkpoints_dir | step_dir` with optional `@step` -> one finished step dir."""
-    path, _, at = source.partition("@")
+    text, _, at = source.partition("@")
     if at and not at.isdigit():
         raise CheckpointError(f"init.from='{source}': '@{at}' is not a step number "
                               f"(expected PATH or PATH@STEP)")
-    if not os.path.isdir(path):
-        raise CheckpointError(f"init.from='{source}': '{path}' is not a directory "
+    path = run_path(text)
+    if not path.is_dir():
+        raise CheckpointError(f"init.from='{source}': '{text}' is not a directory "
                               f"(expected a run dir, its checkpoints/ dir or one step dir, or hf:DIR)")
-    if os.path.isdir(os.path.join(path, "state")) and not at:
-        step_dirs = {int(os.path.basename(os.path.normpath(path))): path} \
-            if os.path.basename(os.path.normpath(path)).isdigit() else {0: path}
+    if (path / "state").is_dir() and not at:
+        step_dirs = {int(path.name) if path.name.isdigit() else 0: path}
     else:
-        root = os.path.join(path, "checkpoints") if os.path.isdir(
-            os.path.join(path, "checkpoints")) else path
-        step_dirs = {int(n): os.path.join(root, n) for n in os.listdir(root) if n.isdigit()}
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        step_dirs = {int(d.name): d for d in root.iterdir() if d.name.isdigit()}
     complete = {s: d for s, d in step_dirs.items() if not missing_files(d)}
     if at:
         if int(at) not in complete:
@@ -60,13 +60,13 @@ def resolve_step_dir(source: str) -> str:
                                   f"(complete steps: {sorted(complete) or 'none'})")
         return complete[int(at)]
     if not complete:
-        raise CheckpointError(f"init.from='{source}': no complete checkpoint under '{path}'")
+        raise CheckpointError(f"init.from='{source}': no complete checkpoint under '{text}'")
     return complete[max(complete)]
 
 
-def _from_checkpoint(step_dir: str, fresh: dict[str, Any]) -> tuple[dict, dict]:
+def _from_checkpoint(step_dir: epath.Path, fresh: dict[str, Any]) -> tuple[dict, dict]:
     """(arrays read into the fresh shardings for names whose shapes agree, the source's shapes)."""
-    state_dir = os.path.join(step_dir, "state")
+    state_dir = step_dir / "state"  # absolute (run_path): orbax needs absolute paths
     try:
         shapes = flat_shapes(read_tree_metadata(state_dir)["params"])
     except Exception as e:
@@ -82,8 +82,7 @@ def _from_checkpoint(step_dir: str, fresh: dict[str, Any]) -> tuple[dict, dict]:
                                 item)
     try:
         out = ocp.PyTreeCheckpointer().restore(
-            os.path.abspath(state_dir),  # orbax needs absolute paths
-            args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+            state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
     except Exception as e:
         raise CheckpointError(f"init.from: cannot read parameters from {state_dir}: "
                               f"{first_line(e, 200)}")

@@ -5,12 +5,18 @@ Only process 0 reports; the others get a Reporter whose methods do nothing.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import math
-import os
+import time
 from typing import Any
 
 import jax
+
+from bigjax.paths import PathLike, is_remote, run_path, write_text
+
+log = logging.getLogger("bigjax")
 
 
 def stage(text: str, enabled: bool = True) -> None:
@@ -20,20 +26,67 @@ def stage(text: str, enabled: bool = True) -> None:
         print(f"bigjax: {text}...", flush=True)
 
 
+class MetricsFile:
+    """`metrics.jsonl`, appended row by row. Object storage has no append: there the file's text
+    is kept and the whole object rewritten at most every `upload_every_s` and on close, so a
+    killed run loses at most that much of the log (its rows after the last checkpoint are logged
+    again on resume anyway)."""
+
+    def __init__(self, path: PathLike, upload_every_s: float = 30.0):
+        self.path = run_path(path)
+        self.remote = is_remote(path)
+        self.upload_every_s = upload_every_s
+        if self.remote:
+            self.text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
+            self.uploaded = time.monotonic()
+            self.dirty = False
+        else:
+            self.fh = self.path.open("a", encoding="utf-8")
+
+    def write(self, line: str) -> None:
+        if not self.remote:
+            self.fh.write(line)
+            self.fh.flush()
+            return
+        self.text += line
+        self.dirty = True
+        if time.monotonic() - self.uploaded >= self.upload_every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote and self.dirty:
+            write_text(self.path, self.text)
+            self.uploaded, self.dirty = time.monotonic(), False
+
+    def close(self) -> None:
+        if self.remote:
+            self.flush()
+        else:
+            self.fh.close()
+
+
+def _summary_writer(logdir: str):
+    """tensorboardX writes gs:// (with google-cloud-storage) and s3:// (with boto3) itself; without
+    them the run goes on without TensorBoard events (metrics.jsonl has every row)."""
+    try:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter(logdir)
+    except ImportError as e:
+        log.warning("warning: no TensorBoard events in %s (%s); metrics.jsonl has every row",
+                    logdir, e)
+        return None
+
+
 class Reporter:
-    def __init__(self, run_dir: str, total_steps: int, start_step: int, progress: bool):
+    def __init__(self, run_dir: PathLike, total_steps: int, start_step: int, progress: bool):
         self.active = jax.process_index() == 0
         self.run_dir = run_dir
         self.bar = None
         self.tb = None
         if not self.active:
             return
-        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
-        except ImportError:  # pragma: no cover - tensorboardX is a dependency
-            self.tb = None
+        self.jsonl = MetricsFile(run_path(run_dir) / "metrics.jsonl")
+        self.tb = _summary_writer(str(run_path(run_dir) / "tb"))
         if progress:
             from tqdm import tqdm
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -43,7 +96,6 @@ class Reporter:
             return
         clean = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in row.items()}
         self.jsonl.write(json.dumps(clean) + "\n")
-        self.jsonl.flush()
         if self.tb is not None:
             for k, v in clean.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -78,15 +130,15 @@ class Reporter:
         self.jsonl.close()
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+def read_metrics(run_dir: PathLike) -> list[dict]:
+    path = run_path(run_dir) / "metrics.jsonl"
+    if not path.exists():
         return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
 
 
-def plot_losses(run_dir: str) -> str | None:
+def plot_losses(run_dir: PathLike) -> str | None:
     """PNG of train and validation loss against step; returns its path."""
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -106,8 +158,10 @@ def plot_losses(run_dir: str) -> str | None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    path = os.path.join(run_dir, "loss.png")
+    path = run_path(run_dir) / "loss.png"
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    png = io.BytesIO()  # matplotlib writes local files only
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return path
+    path.write_bytes(png.getvalue())
+    return str(path)

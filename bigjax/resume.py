@@ -7,29 +7,40 @@ the advice for the run that `bigjax train CONFIG [key=value ...]` writes.
 
 from __future__ import annotations
 
-import os
 import sys
+
+from etils import epath
 
 from bigjax.config import RunConfig, read_config_data
 from bigjax.errors import BigjaxError
+from bigjax.paths import COMMIT_FILE, PathLike, run_path
 
 # Files every finished checkpoint has; a step dir without one of them was cut short or damaged.
 REQUIRED_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt",
                   "data/metadata", "meta/metadata")
 
 
-def missing_files(step_dir: str) -> list[str]:
-    return [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(step_dir, f))]
+def required_files(step_dir: PathLike) -> tuple[str, ...]:
+    """On gs:// orbax writes a step in place (no atomic rename there) and marks it finished with
+    its commit file last; elsewhere a step dir appears by rename, finished."""
+    gcs = str(step_dir).startswith("gs://")
+    return REQUIRED_FILES + (COMMIT_FILE,) if gcs else REQUIRED_FILES
 
 
-def newest_complete_step(checkpoints_dir: str) -> int | None:
+def missing_files(step_dir: PathLike) -> list[str]:
+    step_dir = epath.Path(step_dir)
+    return [f for f in required_files(step_dir) if not (step_dir / f).is_file()]
+
+
+def newest_complete_step(checkpoints_dir: PathLike) -> int | None:
     """The newest `<step>` dir with every required file (the one a resume picks), or None."""
+    checkpoints_dir = epath.Path(checkpoints_dir)
     try:
-        names = os.listdir(checkpoints_dir)
+        names = [p.name for p in checkpoints_dir.iterdir()]
     except OSError:
         return None
     for step in sorted((int(n) for n in names if n.isdigit()), reverse=True):
-        if not missing_files(os.path.join(checkpoints_dir, str(step))):
+        if not missing_files(checkpoints_dir / str(step)):
             return step
     return None
 
@@ -52,7 +63,7 @@ def rerun_advice(config: str, overrides: list[str], after_error: bool = False) -
     has to be fixed first."""
     run_dir, resume = _run_settings(config, overrides)
     rerun = "fix the error above, then rerun" if after_error else "rerun the same command"
-    directory = os.path.join(run_dir, "checkpoints") if run_dir else None
+    directory = run_path(run_dir, absolute=False) / "checkpoints" if run_dir else None
     step = newest_complete_step(directory) if directory else None
     if directory and step is None:
         return f"{rerun} to start again (no complete checkpoint in {directory})"
@@ -60,7 +71,7 @@ def rerun_advice(config: str, overrides: list[str], after_error: bool = False) -
         rerun += " with checkpoint.resume=auto"
     if step is None:
         return f"{rerun} to resume from the newest complete checkpoint"
-    return f"{rerun} to resume from step {step} ({os.path.join(directory, str(step))})"
+    return f"{rerun} to resume from step {step} ({directory / str(step)})"
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from bigjax.data.pipeline import build_data
 from bigjax.data.stream_loader import make_train_loader
 from bigjax.data.types import Data
 from bigjax.errors import CheckpointError, ConfigError
+from bigjax.paths import run_path, run_str
 from bigjax.perf import flops_per_token, mfu, peak
 from bigjax.report import Reporter, plot_losses, stage
 from bigjax.resolve import resolve
@@ -37,10 +38,12 @@ PREFETCH = 2  # batches read and put on the devices ahead of the step that consu
 
 
 def prepare_run_dir(path: str) -> str:
-    reason = unwritable_reason(path)
+    """The run dir as the string everything else joins onto: absolute if local, `file://`
+    stripped, `gs://` / `s3://` kept (bigjax.paths)."""
+    reason = unwritable_reason(run_path(path))
     if reason:
         raise ConfigError(f"run.dir '{path}' is not writable: {reason}")
-    return os.path.abspath(path)
+    return run_str(path)
 
 
 class Trainer:
@@ -81,8 +84,8 @@ class Trainer:
         return self.parts.n_params
 
     def _tokenizer(self):
-        own = os.path.join(self.run_dir, "tokenizer")
-        if self._data is None and os.path.isdir(own):  # what training saved (or was given)
+        own = run_path(self.run_dir) / "tokenizer"
+        if self._data is None and own.is_dir():  # what training saved (or was given)
             from bigjax.data.tokenizer import load_tokenizer
             return load_tokenizer(own)
         return self.data.tokenizer
@@ -157,10 +160,10 @@ class Trainer:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, overrides: list[str] | None = None) -> "Trainer":
         """The trainer of an existing run, restoring its latest checkpoint (eval, predict)."""
-        path = os.path.join(run_dir, "config.yaml")
-        if not os.path.isfile(path):
+        path = run_path(run_dir) / "config.yaml"
+        if not path.is_file():
             raise CheckpointError(f"'{run_dir}' is not a bigjax run dir (no config.yaml in it)")
-        cfg = load_config(path, [f"run.dir={os.path.abspath(run_dir)}", "checkpoint.resume=must",
+        cfg = load_config(path, [f"run.dir={run_str(run_dir)}", "checkpoint.resume=must",
                                  *(overrides or [])], saved=True)
         return cls(cfg, resolved=True)
 
@@ -242,7 +245,7 @@ class Trainer:
         state = self.init_state()
         self.checkpointer.check_writable()  # fail now, not at the first save after hours of steps
         start = int(jax.device_get(state.step))
-        save_config(cfg, os.path.join(self.run_dir, "config.yaml")) if jax.process_index() == 0 else None
+        save_config(cfg, run_path(self.run_dir) / "config.yaml") if jax.process_index() == 0 else None
         loader = make_train_loader(
             self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
             sharding=self.parts.batch_sharding, process_index=jax.process_index(),

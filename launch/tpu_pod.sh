@@ -3,12 +3,12 @@
 # worker, run the same `bigjax train` on all of them, and collect one log per worker.
 #
 # Needs: gcloud, logged in, with a default project (or $PROJECT); quota for the accelerator; a
-# run.dir on a disk that every worker mounts at the same path (NFS, Filestore): bigjax writes its
-# run dir with ordinary file operations, so gs:// paths are not supported.
+# run.dir every worker reaches: gs://BUCKET/PATH (the workers get bigjax[gcs]; their service
+# account needs write access), or a disk mounted at the same path on all of them (NFS, Filestore).
 # Usage: launch/tpu_pod.sh NAME ZONE ACCELERATOR CONFIG [key=value ...]
 # Example:
 #   launch/tpu_pod.sh bigjax-pod us-central2-b v4-32 configs/gpt_tiny.yaml \
-#     run.dir=/mnt/shared/runs/gpt mesh.fsdp=4
+#     run.dir=gs://my-bucket/runs/gpt mesh.fsdp=4
 #
 # Environment: PROJECT, RUNTIME (TPU software version, default tpu-ubuntu2204-base),
 # SPOT=1 (spot VMs), LOG_DIR (default logs/NAME), DRY_RUN=1 (print the gcloud commands only).
@@ -16,7 +16,7 @@
 set -euo pipefail
 
 if [[ $# -lt 4 ]]; then
-  sed -n '7,10p' "$0" | sed 's/^# //' >&2
+  sed -n '8,11p' "$0" | sed 's/^# //' >&2
   exit 2
 fi
 name=$1 zone=$2 accelerator=$3
@@ -49,7 +49,7 @@ trap 'rm -f "$archive"' EXIT
 tar -czf "$archive" -C "$repo" --exclude=.venv --exclude=.git --exclude=runs .
 tpu scp "$archive" "$name:bigjax.tar.gz" --worker=all
 tpu ssh "$name" --worker=all --command="mkdir -p bigjax && tar -xzf bigjax.tar.gz -C bigjax \
-&& pip install -q 'jax[tpu]' -e ./bigjax"
+&& pip install -q 'jax[tpu]' -e './bigjax[gcs]'"
 
 # 3. one command on all workers; each keeps its own log
 cmd=(python3 -u -m bigjax.cli train "$@")

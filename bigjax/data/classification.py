@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -20,8 +19,8 @@ from bigjax.config import Config
 from bigjax.data.records import read_rows, split_docs
 from bigjax.data.types import ArrayExamples, Data
 from bigjax.data.wordpiece import bert_tokenizer, encode
-from bigjax.distributed import private_path
 from bigjax.errors import DataError
+from bigjax.paths import PathLike, run_path, write_text
 from bigjax.registry import register_data
 
 log = logging.getLogger("bigjax")
@@ -69,23 +68,18 @@ def label_names(labels: Sequence[Any]) -> list[str]:
     return sorted({str(x) for x in labels})
 
 
-def load_label_names(run_dir: str) -> list[str] | None:
-    path = os.path.join(run_dir, LABELS_FILE)
-    if not os.path.isfile(path):
+def load_label_names(run_dir: PathLike) -> list[str] | None:
+    path = run_path(run_dir) / LABELS_FILE
+    if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as fh:
-        names = json.load(fh).get("names")
+    names = json.loads(path.read_text(encoding="utf-8")).get("names")
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise DataError(f"{path}: expected {{\"names\": [label, ...]}}")
     return names
 
 
-def save_label_names(run_dir: str, names: list[str]) -> None:
-    path = os.path.join(run_dir, LABELS_FILE)
-    tmp = private_path(path)
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump({"names": names}, fh, indent=1)
-    os.replace(tmp, path)
+def save_label_names(run_dir: PathLike, names: list[str]) -> None:
+    write_text(run_path(run_dir) / LABELS_FILE, json.dumps({"names": names}, indent=1))
 
 
 def label_ids(rows: Sequence[Row], names: list[str], what: str) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -27,6 +26,7 @@ from bigjax.data.records import read_texts, split_docs
 from bigjax.data.tokenizer import load_tokenizer, train_bpe
 from bigjax.data.types import Data
 from bigjax.errors import DataError
+from bigjax.paths import run_path
 from bigjax.registry import register_data
 
 log = logging.getLogger("bigjax")
@@ -114,16 +114,16 @@ def get_tokenizer(cfg: Config, texts: list[str] | Callable[[], Iterable[str]], r
         texts = _Lazy(texts)
     if cfg.data.tokenizer:
         return load_tokenizer(cfg.data.tokenizer)
-    cached = os.path.join(run_dir, "tokenizer")
+    cached = run_path(run_dir) / "tokenizer"
     if jax.process_count() > 1:  # the processes share run_dir: process 0 trains it
         index = jax.process_index()
-        if index == 0 and not os.path.isdir(cached):
+        if index == 0 and not cached.is_dir():
             train_bpe(texts, cfg.data.vocab_size, cached)
         distributed.barrier("tokenizer", timeout_s=3600)  # a dead process 0 ends us sooner
-        if not os.path.isdir(cached):
+        if not cached.is_dir():
             raise DataError(f"process {index} cannot see the tokenizer that process 0 "
                             f"wrote to {cached}; run.dir must be on storage all hosts share")
-    if os.path.isdir(cached):
+    if cached.is_dir():
         return load_tokenizer(cached)
     return train_bpe(texts, cfg.data.vocab_size, cached)
 

@@ -6,26 +6,25 @@ it like any other and it travels with the run (and with a Hugging Face export).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from typing import Iterable
 
 from bigjax.errors import DataError, first_line
+from bigjax.paths import PathLike, local_dir, local_staging, publish_dir, run_path
 
 EOS, PAD = "<|endoftext|>", "<pad>"
 MIN_VOCAB = 258
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str):
-    """Train a byte-level BPE tokenizer (GPT-2 style) and save it under `out_dir` (a new dir)."""
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: PathLike):
+    """Train a byte-level BPE tokenizer (GPT-2 style) and save it under `out_dir` (a new dir,
+    local or on object storage)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     if vocab_size < MIN_VOCAB:
         raise DataError(f"vocab size {vocab_size} is below the {MIN_VOCAB} that a byte-level BPE "
                         "needs (256 bytes + 2 special tokens)")
-    if os.path.exists(out_dir):
+    if run_path(out_dir).exists():
         raise DataError(f"tokenizer output '{out_dir}' already exists; choose a new directory")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -36,32 +35,27 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str):
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
                                    bos_token=EOS, unk_token=None)
-    # write next to the target, then rename: a crash never leaves a half-written tokenizer
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tokenizer-", dir=parent)
-    fast.save_pretrained(tmp)
-    publish(tmp, out_dir)
+    save_tokenizer(fast, out_dir)
     return load_tokenizer(out_dir)
 
 
-def publish(tmp: str, final: str) -> None:
-    """Move a finished dir into place; if another process got there first (same content: the
-    tokenizers trained here are deterministic), keep theirs."""
-    try:
-        os.replace(tmp, final)
-    except OSError:
-        if not os.path.isdir(final):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
+def save_tokenizer(tok, out_dir: PathLike) -> None:
+    """`save_pretrained` (local files only) into a staging dir, then moved into place: a crash
+    never leaves a half-written tokenizer; if another process got there first (same content: the
+    tokenizers trained here are deterministic), theirs is kept."""
+    staging = local_staging(out_dir)
+    tok.save_pretrained(staging)
+    publish_dir(staging, run_path(out_dir))
 
 
-def load_tokenizer(path: str):
+def load_tokenizer(path: PathLike):
+    """A Hugging Face tokenizer dir, local or on object storage (read through a local copy)."""
     from transformers import AutoTokenizer
 
-    if not os.path.isdir(path):
+    if not run_path(path).is_dir():
         raise DataError(f"tokenizer dir '{path}' does not exist (data.tokenizer)")
     try:
-        return AutoTokenizer.from_pretrained(path)
+        with local_dir(path) as local:
+            return AutoTokenizer.from_pretrained(local)
     except (OSError, ValueError) as e:
         raise DataError(f"cannot load a tokenizer from '{path}': {first_line(e)}")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 
 from bigjax.config import Config, init_run_dir
-from bigjax.data.tokenizer import load_tokenizer, publish
-from bigjax.distributed import private_path
+from bigjax.data.tokenizer import load_tokenizer, save_tokenizer
 from bigjax.errors import DataError
+from bigjax.paths import PathLike, run_path
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] first: model.pad_token_id = 0
 
@@ -58,27 +57,25 @@ def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
                                                    ("[CLS]", vocab.index("[CLS]")))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    tmp = private_path(out_dir)
-    fast.save_pretrained(tmp)
-    publish(tmp, out_dir)
+    save_tokenizer(fast, out_dir)
     return load_tokenizer(out_dir)
 
 
-def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
+def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: PathLike):
     """The tokenizer of a BERT task, in order: `data.tokenizer`; the run's own copy (resume);
     the `init.from` source's (hf:DIR, or the run it starts from); else a WordPiece trained on the
     texts. The run keeps a copy in `<run.dir>/tokenizer`, so eval, predict and export find it."""
-    own = os.path.join(run_dir, "tokenizer")
+    own = run_path(run_dir) / "tokenizer"
     init = cfg.init.from_
     if cfg.data.tokenizer:
         tok = load_tokenizer(cfg.data.tokenizer)
-    elif os.path.isdir(own):
+    elif own.is_dir():
         return load_tokenizer(own)
     elif init.startswith("hf:"):
         tok = load_tokenizer(init[3:])
     elif init:
-        src = os.path.join(init_run_dir(init), "tokenizer")
-        if not os.path.isdir(src):
+        src = run_path(init_run_dir(init)) / "tokenizer"
+        if not src.is_dir():
             raise DataError(f"init.from={init}: that run has no tokenizer dir '{src}'; "
                             "set data.tokenizer to the tokenizer it was trained with")
         tok = load_tokenizer(src)
@@ -87,9 +84,7 @@ def bert_tokenizer(cfg: Config, texts: Sequence[str], run_dir: str):
     if tok.mask_token_id is None or tok.pad_token_id is None or tok.cls_token_id is None:
         raise DataError(f"tokenizer of '{cfg.data.tokenizer or init}' has no [MASK]/[PAD]/[CLS] "
                         "token; a BERT task needs a BERT-style (WordPiece) tokenizer")
-    tmp = private_path(own)
-    tok.save_pretrained(tmp)
-    publish(tmp, own)
+    save_tokenizer(tok, own)
     return tok
 
 

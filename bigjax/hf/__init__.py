@@ -9,7 +9,6 @@ translation in `configs.py`, whole-run conversion (the `convert` CLI) in `conver
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ from bigjax.config import Config, updated
 from bigjax.errors import CheckpointError, first_line
 from bigjax.hf import names
 from bigjax.hf.configs import hf_config_from_bigjax, model_config_from_hf, read_hf_config
+from bigjax.paths import PathLike, is_remote, run_path
 from bigjax.state import nest_paths
 
 __all__ = ["load_params", "save_params", "model_config_from_hf", "hf_model_values"]
@@ -49,17 +49,18 @@ def _unrolled(cfg: Config) -> Config:
     return updated(cfg, {"model.scan_layers": False})
 
 
-def _read_tensors(hf_dir: str) -> tuple[dict[str, np.ndarray], str]:
-    from safetensors.numpy import load_file
+def _read_tensors(hf_dir: PathLike) -> tuple[dict[str, np.ndarray], str]:
+    from safetensors.numpy import load, load_file
 
-    path = os.path.join(hf_dir, WEIGHTS)
-    if not os.path.isfile(path):
-        sharded = os.path.join(hf_dir, WEIGHTS + ".index.json")
-        hint = " (sharded checkpoints are not supported)" if os.path.isfile(sharded) else ""
+    path = run_path(hf_dir, absolute=False) / WEIGHTS
+    if not path.is_file():
+        sharded = path.parent / (WEIGHTS + ".index.json")
+        hint = " (sharded checkpoints are not supported)" if sharded.is_file() else ""
         raise CheckpointError(f"'{path}' does not exist{hint}: bigjax reads Hugging Face weights "
                               "from model.safetensors only (no pytorch_model.bin)")
     try:
-        return load_file(path), path
+        # a local file is memory-mapped; object storage is read whole (no mmap there)
+        return (load(path.read_bytes()) if is_remote(path) else load_file(path)), str(path)
     except Exception as e:  # safetensors raises its own error types for corrupt headers
         raise CheckpointError(f"'{path}' is not a readable safetensors file: {first_line(e)}")
 
@@ -143,15 +144,16 @@ def hf_tensors(params: Any, cfg: Config, label_names: list[str] | None = None
     return tensors, hf_cfg
 
 
-def save_params(params: Any, cfg: Config, out_dir: str, label_names: list[str] | None = None) -> None:
-    """Write config.json + model.safetensors that transformers' Auto classes load."""
-    from safetensors.numpy import save_file
+def save_params(params: Any, cfg: Config, out_dir: PathLike,
+                label_names: list[str] | None = None) -> None:
+    """Write config.json + model.safetensors that transformers' Auto classes load (any epath)."""
+    from safetensors.numpy import save
 
     tensors, hf_cfg = hf_tensors(params, cfg, label_names)
-    os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, WEIGHTS), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
-        json.dump(hf_cfg, fh, indent=2)
+    out = run_path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / WEIGHTS).write_bytes(save(tensors, metadata={"format": "pt"}))
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2), encoding="utf-8")
 
 
 def model_config_for(hf_dir: str, base: Config | None = None) -> Config:

@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 from bigjax.config import Config
 from bigjax.errors import CheckpointError
+from bigjax.paths import PathLike, run_path
 from bigjax.tasks import head
 
 SUPPORTED = "bert, gpt2, llama"
 _ACT = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
 
-def read_hf_config(hf_dir: str) -> dict[str, Any]:
-    path = os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
+def read_hf_config(hf_dir: PathLike) -> dict[str, Any]:
+    path = run_path(hf_dir, absolute=False) / "config.json"
+    if not path.is_file():
         raise CheckpointError(f"'{path}' does not exist: expected a Hugging Face model dir "
                               "with config.json and model.safetensors")
     try:
-        with open(path, encoding="utf-8") as fh:
-            hf = json.load(fh)
+        hf = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise CheckpointError(f"'{path}' is not valid JSON: {e}")
     if hf.get("model_type") not in ("bert", "gpt2", "llama"):
@@ -40,7 +39,7 @@ def _act(hf: dict, key: str, where: str) -> str:
 def model_config_from_hf(hf_dir: str) -> dict[str, Any]:
     """`model.*` values that describe the checkpoint in `hf_dir` (sizes, norms, dropout, ...)."""
     hf = read_hf_config(hf_dir)
-    where = os.path.join(hf_dir, "config.json")
+    where = run_path(hf_dir, absolute=False) / "config.json"
     kind = hf["model_type"]
     if kind == "bert":
         if hf.get("position_embedding_type", "absolute") != "absolute":

@@ -8,9 +8,6 @@ tokenizer files. Both refuse to write into a directory that already holds their 
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import jax
 
 from bigjax.build import one_device
@@ -18,33 +15,36 @@ from bigjax.checkpoint import Checkpointer, abstract_with_shardings
 from bigjax.config import CheckpointConfig, Config, load_config, save_config, to_dict, updated
 from bigjax.errors import CheckpointError
 from bigjax.hf import WEIGHTS, load_params, model_config_for, save_params
+from bigjax.paths import PathLike, run_path, run_str
 from bigjax.tasks import head
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
 
 
-def _copy_tokenizer(src: str, dst: str) -> bool:
-    found = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+def _copy_tokenizer(src: PathLike, dst: PathLike) -> bool:
+    src, dst = run_path(src), run_path(dst)
+    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
     if not found:
         return False
-    os.makedirs(dst, exist_ok=True)
+    dst.mkdir(parents=True, exist_ok=True)
     for f in found:
-        shutil.copy2(os.path.join(src, f), os.path.join(dst, f))
+        (dst / f).write_bytes((src / f).read_bytes())
     return True
 
 
-def hf_to_bigjax(src: str, out: str) -> Config:
+def hf_to_bigjax(src: str, out: PathLike) -> Config:
     """Import `src` (config.json + model.safetensors) into a new bigjax run dir `out`."""
-    if os.path.isdir(os.path.join(out, "checkpoints")) and os.listdir(os.path.join(out, "checkpoints")):
+    checkpoints = run_path(out) / "checkpoints"
+    if checkpoints.is_dir() and list(checkpoints.iterdir()):
         raise CheckpointError(f"'{out}' already holds checkpoints; convert into a new directory")
     cfg = model_config_for(src)
     params = load_params(src, cfg)  # before anything is written: bad input leaves `out` untouched
-    run_dir = os.path.abspath(out)
-    changes = {"run.dir": run_dir, "init.from": "", "checkpoint.async_save": False}
-    os.makedirs(out, exist_ok=True)
-    if _copy_tokenizer(src, os.path.join(out, "tokenizer")):
-        changes["data.tokenizer"] = os.path.join(run_dir, "tokenizer")
+    run_dir = run_path(out)
+    changes = {"run.dir": str(run_dir), "init.from": "", "checkpoint.async_save": False}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if _copy_tokenizer(src, run_dir / "tokenizer"):
+        changes["data.tokenizer"] = str(run_dir / "tokenizer")
     cfg = updated(cfg, changes)
     parts = one_device(cfg)
     tx, shardings = parts.tx, parts.shardings
@@ -54,10 +54,10 @@ def hf_to_bigjax(src: str, out: str) -> Config:
     state = state.replace(params=jax.device_put(merged, shardings.params),
                           opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(merged))
     ckpt = Checkpointer(out, CheckpointConfig(async_save=False))
-    ckpt.save(0, state, {}, {"step": 0, "config": to_dict(cfg), "converted_from": os.path.abspath(src)},
+    ckpt.save(0, state, {}, {"step": 0, "config": to_dict(cfg), "converted_from": run_str(src)},
               force=True)
     ckpt.close()
-    save_config(cfg, os.path.join(out, "config.yaml"))
+    save_config(cfg, run_dir / "config.yaml")
     return cfg
 
 
@@ -68,13 +68,13 @@ def _merge(base: dict, new: dict) -> dict:
     return out
 
 
-def run_params(run_dir: str, step: int | None = None) -> tuple[Config, dict]:
+def run_params(run_dir: PathLike, step: int | None = None) -> tuple[Config, dict]:
     """The config and parameters (numpy) of a run's latest (or given) checkpoint."""
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
+    cfg_path = run_path(run_dir, absolute=False) / "config.yaml"
+    if not cfg_path.is_file():
         raise CheckpointError(f"'{cfg_path}' does not exist: expected a bigjax run dir")
     cfg = load_config(cfg_path, saved=True)
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    if not (cfg_path.parent / "checkpoints").is_dir():
         raise CheckpointError(f"'{run_dir}' has no checkpoints/ directory")
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     step = ckpt.latest_step() if step is None else step
@@ -86,25 +86,26 @@ def run_params(run_dir: str, step: int | None = None) -> tuple[Config, dict]:
     return cfg, jax.device_get(restored.state.params)
 
 
-def bigjax_to_hf(run_dir: str, out: str) -> Config:
+def bigjax_to_hf(run_dir: PathLike, out: PathLike) -> Config:
     """Export a run's latest parameters (and tokenizer) as a Hugging Face model dir."""
+    out_dir = run_path(out, absolute=False)
     for name in (WEIGHTS, "config.json"):
-        if os.path.exists(os.path.join(out, name)):
-            raise CheckpointError(f"'{os.path.join(out, name)}' already exists; export into a new "
+        if (out_dir / name).exists():
+            raise CheckpointError(f"'{out_dir / name}' already exists; export into a new "
                                   "directory")
     cfg, params = run_params(run_dir)
-    tmp = out.rstrip("/") + ".tmp-export"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out_dir.parent / (out_dir.name + ".tmp-export")  # what a killed export left is redone
+    tmp.rmtree(missing_ok=True)
     from bigjax.data.classification import load_label_names
     labels = load_label_names(run_dir) if head(cfg) == "classification" else None
     save_params(params, cfg, tmp, labels)
-    tok_dir = os.path.join(run_dir, "tokenizer")
-    if not os.path.isdir(tok_dir):
-        tok_dir = cfg.data.tokenizer
-    if tok_dir and os.path.isdir(tok_dir):
+    tok_dir = run_path(run_dir) / "tokenizer"
+    if not tok_dir.is_dir() and cfg.data.tokenizer:
+        tok_dir = run_path(cfg.data.tokenizer)
+    if tok_dir.is_dir():
         _copy_tokenizer(tok_dir, tmp)
-    os.makedirs(out, exist_ok=True)
-    for f in os.listdir(tmp):  # files move in only once all of them were written
-        os.replace(os.path.join(tmp, f), os.path.join(out, f))
-    os.rmdir(tmp)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():  # files move in only once all of them were written
+        f.replace(out_dir / f.name)
+    tmp.rmtree()
     return cfg
