@@ -16,6 +16,9 @@ from bigjax.build import build, one_device
 from bigjax.cli import run as cli_run
 from bigjax.config import load_config, updated
 from bigjax.errors import ConfigError
+from bigjax.mesh import path_str
+from bigjax.optim import decay_mask
+from bigjax.state import model_spec
 from bigjax.models.rnn import GATES, RNN, RNNConfig, build_rnn
 from bigjax.tasks import make_task
 
@@ -32,10 +35,11 @@ def to_torch(model: RNN, kind: str, n_layers: int) -> torch.nn.Module:
     for i in range(n_layers):
         layer = getattr(model, f"layer_{i}")
         for suffix, cell in (("", layer.fwd), ("_reverse", layer.bwd)):
-            sd[f"weight_ih_l{i}{suffix}"] = as_rows(cell.kernel_ih[...])
-            sd[f"weight_hh_l{i}{suffix}"] = as_rows(cell.kernel_hh[...])
-            sd[f"bias_ih_l{i}{suffix}"] = torch.tensor(np.asarray(cell.bias_ih[...]).reshape(-1))
-            sd[f"bias_hh_l{i}{suffix}"] = torch.tensor(np.asarray(cell.bias_hh[...]).reshape(-1))
+            for part in ("ih", "hh"):
+                gates = getattr(cell, part)
+                sd[f"weight_{part}_l{i}{suffix}"] = as_rows(gates.kernel[...])
+                bias = np.asarray(gates.bias[...]).reshape(-1)
+                sd[f"bias_{part}_l{i}{suffix}"] = torch.tensor(bias)
     net.load_state_dict({k: v.double() for k, v in sd.items()})
     return net
 
@@ -95,6 +99,22 @@ def test_padding_does_not_change_the_logits():
         assert np.abs(logits[0] - logits[1]).max() > 1e-3
 
 
+def test_parameter_names_axes_and_decay():
+    """Paths a newcomer can map to PyTorch's, logical axes the mesh rules split, and the default
+    `optimizer.no_decay` leaves the biases and the embedding out of weight decay."""
+    cfg = load_config(None, CLS)
+    spec = model_spec(cfg)
+    flat = {path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(spec.abstract_params)}
+    assert sorted(k for k in flat if k.startswith("layer_1/bwd")) == [
+        "layer_1/bwd/hh/bias", "layer_1/bwd/hh/kernel", "layer_1/bwd/ih/bias", "layer_1/bwd/ih/kernel"]
+    assert flat["layer_1/bwd/ih/kernel"].shape == (32, 4, 16)  # both directions of layer 0 in
+    assert spec.logical_axes["layer_1"]["bwd"]["hh"]["kernel"] == ("embed", None, "mlp")
+    mask = {path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(
+        decay_mask(cfg.optimizer, spec.abstract_params))}
+    assert {k for k, decayed in mask.items() if decayed} == {
+        k for k in flat if k.endswith("kernel")}
+
+
 # ---- in the step ---------------------------------------------------------------------------------
 CLS = ["model.name=rnn", "model.cell=lstm", "model.vocab_size=64", "model.embed_dim=16",
        "model.hidden_size=16", "model.n_layers=2", "model.bidirectional=true", "model.dropout=0.0",
@@ -133,7 +153,7 @@ def test_sharded_step_equals_one_device():
     full step)."""
     cfg = load_config(None, CLS + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
     parts = build(cfg, mesh_lib.make_mesh(cfg.mesh))
-    kernel = parts.shardings.params["layer_0"]["fwd"]["kernel_hh"].spec
+    kernel = parts.shardings.params["layer_0"]["fwd"]["hh"]["kernel"].spec
     assert tuple(kernel) == ("fsdp", None, "tensor"), kernel  # the split is real
     state = parts.init_state()
     before = jax.device_get(state.params)  # (the step donates the state)
@@ -153,7 +173,7 @@ def test_sharded_step_equals_one_device():
     assert abs(float(metrics["loss_sum"]) - float(loss_sum)) < 1e-5 * float(loss_sum)
     expected = jax.tree.map(lambda p, g: p - 0.1 * g / weight, before, jax.device_get(grads))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), after, expected)
-    moved = np.abs(after["layer_0"]["fwd"]["kernel_hh"] - before["layer_0"]["fwd"]["kernel_hh"])
+    moved = np.abs(after["layer_0"]["fwd"]["hh"]["kernel"] - before["layer_0"]["fwd"]["hh"]["kernel"])
     assert moved.max() > 1e-4  # the step moved the recurrent weights: their gradients agree
 
 
@@ -175,10 +195,10 @@ def _loop_loss(model: RNN, batch: dict[str, np.ndarray]) -> tuple[float, float]:
             x = emb[batch["inputs"][b, t]]
             for i in range(n_layers):
                 c = params[f"layer_{i}"]["fwd"]
-                k_ih, k_hh = (np.asarray(c[k], np.float64) for k in ("kernel_ih", "kernel_hh"))
-                gx = np.einsum("d,dgh->gh", x, k_ih) + np.asarray(c["bias_ih"], np.float64)
+                ih, hh = ({k: np.asarray(v, np.float64) for k, v in c[p].items()} for p in ("ih", "hh"))
+                gx = np.einsum("d,dgh->gh", x, ih["kernel"]) + ih["bias"]
                 h = state[i]
-                gh = np.einsum("h,hgk->gk", h, k_hh) + np.asarray(c["bias_hh"], np.float64)
+                gh = np.einsum("h,hgk->gk", h, hh["kernel"]) + hh["bias"]
                 r, z = sig(gx[0] + gh[0]), sig(gx[1] + gh[1])
                 n = np.tanh(gx[2] + r * gh[2])
                 state[i] = x = (1 - z) * n + z * h
@@ -205,7 +225,8 @@ def test_causal_lm_loss_equals_a_per_step_loop():
     for s in stats:
         assert float(s["weight"]) == weight
         assert abs(float(s["loss_sum"]) - expected) < 1e-5 * expected
-    assert abs(no_reset - expected) > 1e-3 * expected
+    # ten times the tolerance above: a scan that ignored the documents would fail the check
+    assert abs(no_reset - expected) > 1e-4 * expected
 
 
 # ---- bad config ----------------------------------------------------------------------------------

@@ -69,31 +69,42 @@ class RNNConfig(ModelConfig):
                               "set model.bidirectional=false for a language model")
 
 
-class Cell(nnx.Module):
-    """One direction of one layer: PyTorch's weights as (in, gate, hidden) kernels. Uniform
-    init in +-1/sqrt(hidden), as PyTorch."""
+class Gates(nnx.Module):
+    """x @ kernel + bias for all gates: kernel (in, gate, hidden), bias (gate, hidden). Uniform
+    init in +-1/sqrt(hidden), as PyTorch; `bias` is left out of weight decay by the default
+    `optimizer.no_decay`."""
 
-    def __init__(self, kind: str, d_in: int, hidden: int, dtype, rngs: nnx.Rngs):
-        self.kind, self.dtype = kind, dtype
-        G, bound = GATES[kind], 1.0 / math.sqrt(hidden)
+    def __init__(self, d_in: int, n_gates: int, hidden: int, rngs: nnx.Rngs):
+        bound = 1.0 / math.sqrt(hidden)
         uniform = lambda shape: jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
         # the input dim goes to fsdp, the gates' hidden dim to tensor, like an MLP's kernels
-        self.kernel_ih = param(uniform((d_in, G, hidden)), ("embed", None, "mlp"))
-        self.kernel_hh = param(uniform((hidden, G, hidden)), ("embed", None, "mlp"))
-        self.bias_ih = param(uniform((G, hidden)), (None, "mlp"))
-        self.bias_hh = param(uniform((G, hidden)), (None, "mlp"))
+        self.kernel = param(uniform((d_in, n_gates, hidden)), ("embed", None, "mlp"))
+        self.bias = param(uniform((n_gates, hidden)), (None, "mlp"))
+
+    def __call__(self, x: jax.Array, dtype) -> jax.Array:
+        """float32 B x [T x] G x H."""
+        y = jnp.einsum("...d,dgh->...gh", x.astype(dtype), self.kernel[...].astype(dtype),
+                       preferred_element_type=jnp.float32)
+        return y + self.bias[...]
+
+
+class Cell(nnx.Module):
+    """One direction of one layer: PyTorch's weight_ih / bias_ih are `ih`, weight_hh / bias_hh
+    are `hh` (PyTorch's (G*H, in) matrix is our kernel (in, G, H) transposed)."""
+
+    def __init__(self, kind: str, d_in: int, hidden: int, dtype, rngs: nnx.Rngs):
+        self.kind, self.dtype, self.hidden = kind, dtype, hidden
+        self.ih = Gates(d_in, GATES[kind], hidden, rngs)
+        self.hh = Gates(hidden, GATES[kind], hidden, rngs)
 
     def input_gates(self, x_BTD: jax.Array) -> jax.Array:
         """x @ W_ih + b_ih for every step at once: B x T x G x H, float32."""
-        y = jnp.einsum("btd,dgh->btgh", x_BTD.astype(self.dtype), self.kernel_ih[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)
-        return y + self.bias_ih[...]
+        return self.ih(x_BTD, self.dtype)
 
     def step(self, carry: tuple[jax.Array, ...], gx_BGH: jax.Array) -> tuple[jax.Array, ...]:
         """One time step from the input gates: (h,) for a GRU, (h, c) for an LSTM."""
         h = carry[0]
-        gh = jnp.einsum("bh,hgk->bgk", h.astype(self.dtype), self.kernel_hh[...].astype(self.dtype),
-                        preferred_element_type=jnp.float32) + self.bias_hh[...]
+        gh = self.hh(h, self.dtype)
         if self.kind == "lstm":
             g = gx_BGH + gh
             i, f = jax.nn.sigmoid(g[:, 0]), jax.nn.sigmoid(g[:, 1])
@@ -105,8 +116,7 @@ class Cell(nnx.Module):
         return ((1 - z) * n + z * h,)
 
     def zeros(self, batch: int) -> tuple[jax.Array, ...]:
-        H = self.kernel_hh.shape[0]
-        return tuple(jnp.zeros((batch, H), jnp.float32) for _ in range(2 if self.kind == "lstm" else 1))
+        return tuple(jnp.zeros((batch, self.hidden), jnp.float32) for _ in range(2 if self.kind == "lstm" else 1))
 
 
 def run(cell: Cell, x_BTD: jax.Array, valid_BT: jax.Array, segment_ids_BT: jax.Array | None,
