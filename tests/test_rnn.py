@@ -4,6 +4,8 @@ resets at document starts, and bad config is one line."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,11 +20,21 @@ from bigjax.config import load_config, updated
 from bigjax.errors import ConfigError
 from bigjax.mesh import path_str
 from bigjax.optim import decay_mask
-from bigjax.state import model_spec
-from bigjax.models.rnn import GATES, RNN, RNNConfig, build_rnn
+from bigjax.state import TrainState, model_spec
+from bigjax.models.rnn import GATES, RNN, RNNConfig
 from bigjax.tasks import make_task
 
 H, E, V = 8, 6, 50
+
+
+def small_rnn(cfg: RNNConfig, head: str | None = "classification", seed: int = 0) -> RNN:
+    """The model with numpy-drawn weights, uniform in +-0.5: creating them with jax.random would
+    compile a kernel per parameter shape (seconds each on a busy CPU) that these tests do not need
+    (the sharded-step test initialises through bigjax's own jitted init)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: RNN(cfg, head, 3, nnx.Rngs(0))))
+    rng = np.random.default_rng(seed)
+    state = jax.tree.map(lambda x: rng.uniform(-0.5, 0.5, x.shape).astype(np.float32), state)
+    return nnx.merge(graphdef, state)
 
 
 def to_torch(model: RNN, kind: str, n_layers: int) -> torch.nn.Module:
@@ -50,8 +62,8 @@ def test_equals_pytorch_stacked_bidirectional_padded_and_per_row(kind):
     sequence and against each row run alone, unpadded: every output (zero at padding, like
     pad_packed_sequence) and the final states of both directions agree within 1e-5. Without the
     mask the reverse direction would start on padding and differ by ~1e-1 (checked last)."""
-    model = RNN(RNNConfig(cell=kind, vocab_size=V, embed_dim=E, hidden_size=H, n_layers=2,
-                          bidirectional=True), "classification", 3, nnx.Rngs(0))
+    model = small_rnn(RNNConfig(cell=kind, vocab_size=V, embed_dim=E, hidden_size=H, n_layers=2,
+                                bidirectional=True))
     net = to_torch(model, kind, 2)
     rng = np.random.default_rng(0)
     B, T, lens = 4, 7, [7, 3, 5, 1]
@@ -92,11 +104,22 @@ def test_padding_does_not_change_the_logits():
     mask = np.repeat(np.arange(11)[None] < 5, 4, 0)
     mask[0] = True  # row 0: all 11 tokens real, a different sequence (the check can fail)
     for pool in ("last", "mean", "max"):
-        model = RNN(RNNConfig(cell="gru", vocab_size=V, embed_dim=E, hidden_size=H,
-                              bidirectional=True, pool=pool), "classification", 3, nnx.Rngs(1))
+        model = small_rnn(RNNConfig(cell="gru", vocab_size=V, embed_dim=E, hidden_size=H,
+                                    bidirectional=True, pool=pool), seed=1)
         logits = np.asarray(jax.jit(lambda i, m: model(i, attention_mask=m))(ids, mask))
         np.testing.assert_allclose(logits[2:], np.repeat(logits[1:2], 2, 0), rtol=0, atol=1e-6)
         assert np.abs(logits[0] - logits[1]).max() > 1e-3
+
+
+def test_program_does_not_grow_with_length():
+    """One scan per direction and layer: the traced program for 8 and for 256 positions is the
+    same but for the numbers in its shapes (unrolled steps would add equations per position)."""
+    model = small_rnn(RNNConfig(cell="lstm", vocab_size=V, embed_dim=E, hidden_size=H, n_layers=2,
+                                bidirectional=True))
+    program = lambda T: re.sub(r"\d+", "#", str(jax.make_jaxpr(
+        lambda i, m: model(i, attention_mask=m))(np.ones((2, T), np.int32), np.ones((2, T), bool))))
+    assert program(8) == program(256)
+    assert str(jax.make_jaxpr(lambda i: model(i))(np.ones((2, 8), np.int32))).count("scan[") == 4
 
 
 def test_parameter_names_axes_and_decay():
@@ -155,8 +178,15 @@ def test_sharded_step_equals_one_device():
     parts = build(cfg, mesh_lib.make_mesh(cfg.mesh))
     kernel = parts.shardings.params["layer_0"]["fwd"]["hh"]["kernel"].spec
     assert tuple(kernel) == ("fsdp", None, "tensor"), kernel  # the split is real
-    state = parts.init_state()
-    before = jax.device_get(state.params)  # (the step donates the state)
+    # numpy-drawn weights put in their shards (jax.random's init compiles for long on a busy CPU;
+    # sharded init is the other families' tests' business)
+    rng = np.random.default_rng(0)
+    before = jax.tree.map(lambda x: rng.uniform(-0.5, 0.5, x.shape).astype(np.float32),
+                          parts.spec.abstract_params)
+    params = jax.device_put(before, parts.shardings.params)
+    state = TrainState(step=jax.device_put(np.int32(0), parts.shardings.step), params=params,
+                       opt_state=jax.jit(parts.tx.init, out_shardings=parts.shardings.opt_state)(
+                           params), model_state={})
     batch = cls_batch()
     new_state, metrics = parts.train_step(state, jax.device_put(batch, parts.batch_sharding))
     after = jax.device_get(new_state.params)
@@ -216,8 +246,8 @@ def test_causal_lm_loss_equals_a_per_step_loop():
     document; without the restarts it would differ."""
     cfg = load_config(None, LM)
     batch = lm_batch(3)
-    model = build_rnn(cfg, nnx.Rngs(params=0))
-    whole = build_rnn(updated(cfg, {"model.loss_chunk": 0}), nnx.Rngs(params=0))
+    model = small_rnn(cfg.model, head=None, seed=2)
+    whole = small_rnn(updated(cfg, {"model.loss_chunk": 0}).model, head=None, seed=2)
     task = make_task(cfg)
     stats = jax.jit(lambda b: [task.stats(m, b, None) for m in (model, whole)])(batch)
     expected, weight = _loop_loss(model, batch)
