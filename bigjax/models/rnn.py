@@ -116,7 +116,8 @@ class Cell(nnx.Module):
         return ((1 - z) * n + z * h,)
 
     def zeros(self, batch: int) -> tuple[jax.Array, ...]:
-        return tuple(jnp.zeros((batch, self.hidden), jnp.float32) for _ in range(2 if self.kind == "lstm" else 1))
+        n = 2 if self.kind == "lstm" else 1  # LSTM: (h, c)
+        return tuple(jnp.zeros((batch, self.hidden), jnp.float32) for _ in range(n))
 
 
 def run(cell: Cell, x_BTD: jax.Array, valid_BT: jax.Array, segment_ids_BT: jax.Array | None,
