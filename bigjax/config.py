@@ -146,7 +146,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    from_: str = field(default="", metadata={"key": "from"})  # run dir, checkpoint dir[@step], hf:DIR
+    from_: str = field(default="", metadata={"key": "from"})  # run dir, checkpoint dir[@step], hf:DIR, torchvision:FILE
 
 
 @dataclass(frozen=True)

@@ -117,11 +117,12 @@ class Trainer:
                 f"checkpoint.resume=must but {ckpt.directory} holds no checkpoint")
         state = self.parts.init_state()
         if self.cfg.init.from_:
-            from bigjax.init_from import load_init_params
+            from bigjax.init_from import load_init_model_state, load_init_params
             params = load_init_params(self.cfg, self.cfg.init.from_, state.params)
+            model_state = load_init_model_state(self.cfg, self.cfg.init.from_, state.model_state)
             # The optimizer state was built from the fresh params; adam's moments are zeros either
-            # way, so only the params change.
-            state = state.replace(params=params)
+            # way, so only the params (and BatchNorm statistics) change.
+            state = state.replace(params=params, model_state=model_state)
         return state, None
 
     def init_state(self) -> TrainState:
