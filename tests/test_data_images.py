@@ -118,6 +118,12 @@ def test_image_folder_reads_decodes_and_normalises(tmp_path):
     assert meta["class_names"] == ["cat", "dog"] and meta["image_shape"] == [8, 8, 3]
     cfg = resolve(cfg, data)
     assert (cfg.model.image_height, cfg.task.num_labels) == (8, 2)
+    # a validation folder: every training image trains, its images (one class only) evaluate
+    val_root = _folder(tmp_path / "val", classes=("dog",), n=2)
+    data = build_data(load_config(None, FOLDER + [f"data.source={root}",
+                                                  f"data.eval_split={val_root}"]), "")
+    assert (len(data.train), len(data.eval)) == (12, 2)
+    assert [int(data.eval[i]["labels"]) for i in range(2)] == [1, 1]  # "dog" is class 1 of 2
 
 
 def _one_line_exit_2(tmp_path, capsys, *over):

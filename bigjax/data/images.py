@@ -140,7 +140,7 @@ def _decoded(cfg: Config) -> Data:
     _check_sizes(cfg, d.source, sizes)
     augment = Augment(d.crop_padding, d.flip, cfg.seed)
     train = ImageExamples(train_src, train_idx, mean, std, augment)
-    val = ImageExamples(eval_src or train_src, val_idx, mean, std)
+    val = ImageExamples(eval_src if eval_src is not None else train_src, val_idx, mean, std)
     skipped = sum(sum(getattr(src, "skipped", {}).values()) for src in (train_src, eval_src)
                   if src is not None)
     info = {"train_images": len(train_idx), "eval_images": len(val_idx), "image_shape": [H, W, C],
