@@ -94,11 +94,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", help="run directory (holds config.yaml and checkpoints/)")
     ev.add_argument("overrides", nargs="*",
                     help="key.sub=value overrides, e.g. data.eval_split=other.csv")
-    pr = _command(sub, "predict", "label and probability of each text (classification)",
-                  "Print one line per text: label, probability, text.\n\n  bigjax predict "
-                  "runs/minilm_sentiment \"I love this movie!\" \"What a waste of time.\"")
+    pr = _command(sub, "predict", "label and probability of each text or image (classification)",
+                  "Print one line per text (or image file, for an image classifier): label, "
+                  "probability, input.\n\n  bigjax predict runs/minilm_sentiment \"I love this "
+                  "movie!\" \"What a waste of time.\"\n  bigjax predict runs/resnet18_cifar10 "
+                  "cat.png ship.jpg")
     pr.add_argument("run_dir", help="run directory of a classification run")
-    pr.add_argument("texts", nargs="+", help="texts to classify")
+    pr.add_argument("texts", nargs="+", help="texts (or image files) to classify")
     _generate_parser(sub)
     ck = sub.add_parser("checkpoints", help="list the checkpoints of a run",
                         description="List a run's checkpoints: step, commit time, size, the "

@@ -62,7 +62,7 @@ class SourceWeight:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME[/CONFIG] | sklearn:digits (images) | file glob (.txt/.jsonl/.csv/.parquet)
+    source: str = "builtin:pydocs"  # builtin:pydocs | tfds:NAME[/CONFIG] | sklearn:digits or an image folder (images) | file glob (.txt/.jsonl/.csv/.parquet)
     dir: str = ""  # tensorflow-datasets data dir ("" = tfds default); bigjax never downloads
     split: str = "train"  # tfds split for training (slices like train[:90%] work)
     eval_split: str = ""  # tfds split, or a file glob for file sources; "" = hold out val_fraction
@@ -84,6 +84,12 @@ class DataConfig:
     shuffle_windows: int = 1024  # streaming: windows shuffled together in one seeded block
     # LM mixture, streamed: [{source: ..., weight: ...}, ...] replaces data.source
     sources: list[SourceWeight] = field(default_factory=list)
+    # images (task image_classification): folders and tfds image datasets
+    image_size: int = 0  # resize every image to N x N; 0 = keep (all images must be one size)
+    crop_padding: int = 0  # training: random crop of the image zero-padded by N pixels; 0 = off
+    flip: bool = False  # training: random horizontal flip
+    pixel_mean: list[float] = field(default_factory=list)  # per channel, of x/255; [] = from the data
+    pixel_std: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -166,7 +172,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class InitConfig:
-    from_: str = field(default="", metadata={"key": "from"})  # run dir, checkpoint dir[@step], hf:DIR
+    from_: str = field(default="", metadata={"key": "from"})  # run dir, checkpoint dir[@step], hf:DIR, torchvision:FILE
 
 
 @dataclass(frozen=True)
@@ -475,6 +481,14 @@ def _validate_data(d: DataConfig) -> None:
     for key in ("tokenizer_sample_chars", "shuffle_windows"):
         if getattr(d, key) < 1:
             raise ConfigError(f"data.{key} must be at least 1, got {getattr(d, key)}")
+    for key in ("image_size", "crop_padding"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be 0 or more, got {getattr(d, key)}")
+    if len(d.pixel_mean) != len(d.pixel_std):
+        raise ConfigError(f"data.pixel_mean and data.pixel_std need one value per channel each, "
+                          f"got {len(d.pixel_mean)} and {len(d.pixel_std)}")
+    if any(v <= 0 for v in d.pixel_std):
+        raise ConfigError(f"data.pixel_std must be positive, got {d.pixel_std}")
     scheme = d.source.split(":", 1)[0] if ":" in d.source else ""
     # a one-letter scheme is a Windows drive, one with "/" a path with a colon in it
     if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds", "sklearn"):

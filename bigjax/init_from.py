@@ -107,11 +107,39 @@ def _from_hf(hf_dir: str, cfg: Config, fresh: dict[str, Any]) -> tuple[dict, dic
     return loaded, shapes
 
 
+def _from_torchvision(path: str, fresh: dict[str, Any], part: int) -> tuple[dict, dict]:
+    """part 0: parameters, 1: BatchNorm statistics, of a torchvision ResNet safetensors file."""
+    from bigjax.hf import torchvision
+    arrays = {"/".join(k): v for k, v in torchvision.read(path)[part].items()}
+    shapes = {k: tuple(v.shape) for k, v in arrays.items()}
+    _check_shapes(shapes, fresh)
+    loaded = {k: jax.device_put(np.asarray(arrays[k], dtype=v.dtype), v.sharding)
+              for k, v in fresh.items() if k in arrays}
+    return loaded, shapes
+
+
+def load_init_model_state(cfg: Config, spec: str, fresh_model_state: Any) -> Any:
+    """The non-parameter state to start from: a torchvision ResNet's BatchNorm running statistics
+    (its eval-mode outputs need them); the fresh one for every other source (a checkpoint's
+    statistics belong to its own training run)."""
+    if not spec.startswith("torchvision:"):
+        return fresh_model_state
+    fresh = _flat(fresh_model_state)
+    loaded, shapes = _from_torchvision(spec[len("torchvision:"):], fresh, 1)
+    missing = sorted(k for k in fresh if k not in loaded)
+    if missing and jax.process_index() == 0:
+        log.warning("init.from: BatchNorm statistics not in the source, fresh: %s", ", ".join(missing))
+    return _unflat_like({k: loaded.get(k, v) for k, v in fresh.items()}, fresh_model_state)
+
+
 def load_init_params(cfg: Config, spec: str, fresh_params: Any) -> Any:
     """`fresh_params` (sharded, freshly initialised) with every parameter the source has replaced."""
     fresh = _flat(fresh_params)
     if spec.startswith("hf:"):
         loaded, shapes = _from_hf(spec[3:], cfg, fresh)
+        where = spec
+    elif spec.startswith("torchvision:"):
+        loaded, shapes = _from_torchvision(spec[len("torchvision:"):], fresh, 0)
         where = spec
     else:
         where = resolve_step_dir(spec)

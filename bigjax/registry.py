@@ -25,7 +25,8 @@ from bigjax.errors import ConfigError, first_line
 ENTRY_POINT_GROUP = "bigjax.plugins"
 BUILTINS = ("bigjax.models.gpt", "bigjax.models.bert", "bigjax.tasks", "bigjax.data.lm",
             "bigjax.data.mlm", "bigjax.data.classification",
-            "bigjax.models.cnn", "bigjax.tasks_image", "bigjax.data.images",  # images: CNNs
+            "bigjax.models.cnn", "bigjax.models.resnet", "bigjax.tasks_image",
+            "bigjax.data.images",  # images: CNNs and ResNets
             "bigjax.models.rnn")
 
 

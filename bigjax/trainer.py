@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from bigjax import distributed
+from bigjax import distributed, registry
 from bigjax import mesh as mesh_lib
 from bigjax.build import build
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
@@ -121,11 +121,12 @@ class Trainer:
                 f"checkpoint.resume=must but {ckpt.directory} holds no checkpoint")
         state = self.parts.init_state()
         if self.cfg.init.from_:
-            from bigjax.init_from import load_init_params
+            from bigjax.init_from import load_init_model_state, load_init_params
             params = load_init_params(self.cfg, self.cfg.init.from_, state.params)
+            model_state = load_init_model_state(self.cfg, self.cfg.init.from_, state.model_state)
             # The optimizer state was built from the fresh params; adam's moments are zeros either
-            # way, so only the params change.
-            state = state.replace(params=params)
+            # way, so only the params (and BatchNorm statistics) change.
+            state = state.replace(params=params, model_state=model_state)
         return state, None
 
     def init_state(self) -> TrainState:
@@ -167,10 +168,13 @@ class Trainer:
                                  *(overrides or [])], saved=True)
         return cls(cfg, resolved=True)
 
-    def predict(self, texts: list[str]) -> list[tuple[str, float]]:
-        """(label name, probability) of the most likely class for each text."""
+    def predict(self, texts: list) -> list[tuple[str, float]]:
+        """(label name, probability) of the most likely class for each text; for an image
+        classifier, each image: a path or an H x W (x C) array of raw pixels (0..255)."""
         from bigjax.data.classification import load_label_names
         from bigjax.predict import predict_texts, probs_fn
+        if registry.task(self.cfg.task.name).data == "images":
+            return self._predict_images(list(texts))
         if head(self.cfg) != "classification":
             raise ConfigError(f"predict needs a classification run; this one has "
                               f"task.name={self.cfg.task.name}")
@@ -199,6 +203,21 @@ class Trainer:
         self._generator.params, self._generator.model_state = state.params, state.model_state
         return self._generator.generate(prompts, max_new_tokens, temperature, top_k, top_p, seed,
                                         stop, stream)
+
+    def _predict_images(self, items: list) -> list[tuple[str, float]]:
+        from bigjax.data.images import load_meta
+        from bigjax.predict import image_probs_fn, predict_images
+        meta = load_meta(self.run_dir)
+        if meta is None:
+            raise CheckpointError(f"{self.run_dir} has no image_data.json (class names and "
+                                  "normalisation, written by training); train with this bigjax")
+        state = self.init_state()
+        if not hasattr(self, "_image_probs_fn"):
+            self._image_probs_fn = self.parts.jit_eval(image_probs_fn(self.parts.spec))
+        return predict_images(self._image_probs_fn, state.params, state.model_state, items, meta,
+                              batch_size=self.cfg.train.batch_size,
+                              multiple=mesh_lib.batch_divisor(self.cfg.sharding.rules, self.mesh),
+                              batch_sharding=self.parts.batch_sharding)
 
     # ---- training ----------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:

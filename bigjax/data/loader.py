@@ -36,6 +36,16 @@ def to_global(local: Example, sharding: NamedSharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+class _EpochReader:
+    """(position, index) -> source.example_at_epoch(index, epoch); a class so workers can pickle it."""
+
+    def __init__(self, source, per_epoch: int):
+        self.source, self.per_epoch = source, per_epoch
+
+    def __call__(self, position: int, index: int) -> Example:
+        return self.source.example_at_epoch(int(index), position // self.per_epoch)
+
+
 class TrainLoader:
     """Endless shuffled batches; `state()` / `restore(state)` make resume exact.
 
@@ -64,17 +74,23 @@ class TrainLoader:
         if usable < process_count:
             raise DataError(f"the training data holds {n} examples, fewer than the "
                             f"{process_count} processes that share it")
-        ds = grain.MapDataset.source(source)
+        per_epoch = usable // process_count
+        # a source with `example_at_epoch(i, epoch)` (augmented images) is read by index, so the
+        # element knows its epoch: position // examples per process and epoch
+        by_epoch = hasattr(source, "example_at_epoch")
+        ds = grain.MapDataset.range(n) if by_epoch else grain.MapDataset.source(source)
         if shuffle:
             ds = ds.shuffle(seed=seed)  # before repeat: each epoch is a fresh permutation of it
         ds = ds[:usable][process_index::process_count].repeat(None)
+        if by_epoch:
+            ds = ds.map_with_index(_EpochReader(source, per_epoch))
         self._batches = ds.batch(self.local_batch, drop_remainder=True)
         self._workers, self._threads = workers, threads
         # what a saved position is only valid for
         self._identity = {"examples": n, "global_batch": global_batch, "seed": seed,
                           "shuffle": shuffle, "process_count": process_count}
         self.sharding = sharding
-        self.examples_per_epoch = usable // process_count
+        self.examples_per_epoch = per_epoch
         self.dropped_per_epoch = n - usable
         self._depth = prefetch
         self._ahead: collections.deque = collections.deque()  # read, on the devices, not consumed

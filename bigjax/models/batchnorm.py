@@ -21,12 +21,15 @@ class BatchNorm(nnx.Module):
     """Normalises over every axis but the last (features): NHWC images or B x D vectors.
 
     `momentum`: running = momentum * running + (1 - momentum) * batch (Flax's convention; PyTorch's
-    momentum 0.1 is 0.9 here). The running variance is the biased batch variance, as in Flax.
+    momentum 0.1 is 0.9 here). The running variance is the biased batch variance, as in Flax, or
+    with `unbiased_running_var` the unbiased one (x n/(n-1), n = values per feature in the batch),
+    as in PyTorch: ResNets imported from torchvision keep torchvision's running statistics when
+    finetuned. Normalisation in training always uses the biased variance (both frameworks do).
     """
 
     def __init__(self, dim: int, *, momentum: float = 0.9, eps: float = 1e-5,
-                 axis_name: str | None = None):
-        self.momentum, self.eps = momentum, eps
+                 axis_name: str | None = None, unbiased_running_var: bool = False):
+        self.momentum, self.eps, self.unbiased = momentum, eps, unbiased_running_var
         self.scale = param(jnp.ones((dim,), jnp.float32), (axis_name,))
         self.bias = param(jnp.zeros((dim,), jnp.float32), (axis_name,))
         self.mean = nnx.BatchStat(jnp.zeros((dim,), jnp.float32))
@@ -38,9 +41,10 @@ class BatchNorm(nnx.Module):
             axes = tuple(range(x.ndim - 1))
             mean = xf.mean(axes)
             var = jnp.square(xf - mean).mean(axes)  # two passes: no E[x^2]-E[x]^2 cancellation
-            m = self.momentum
+            m, n = self.momentum, x.size // x.shape[-1]  # static: the global batch under jit
+            run_var = var * (n / max(n - 1, 1)) if self.unbiased else var
             self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
-            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(var)
+            self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(run_var)
         else:
             mean, var = self.mean[...], self.var[...]
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]

@@ -1,0 +1,108 @@
+"""ResNet-18 training throughput on CPU, bigjax vs torchvision on PyTorch, in one process.
+
+    .venv/bin/python bench/resnet_vs_torchvision.py                    # batch 64, 32x32, cifar stem
+    .venv/bin/python bench/resnet_vs_torchvision.py --rounds 1 --chunk 1 --batch 8   # smoke run
+
+Both train the same network (ResNet-18, float32, the 3x3 CIFAR stem unless `--stem imagenet`;
+torchvision's model with conv1 replaced and the max-pool removed) with SGD (momentum 0.9, Nesterov,
+weight decay 5e-4) and cross-entropy on the same random batch of `--batch` 32x32 images. The
+measurements alternate, `--chunk` steps of one then of the other, `--rounds` times, after one
+untimed warm-up chunk each (compilation), so both see the same machine load; the script prints
+the median seconds per step of each, images/s and the ratio bigjax / PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # torchvision_ref: torchvision on a CPU torch
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def torch_side(args, x, y):
+    import torch
+    from torchvision_ref import import_torchvision
+    model = import_torchvision().models.resnet18(num_classes=10)
+    if args.stem == "cifar":
+        model.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        model.maxpool = torch.nn.Identity()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                          weight_decay=5e-4)
+    xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y.astype(np.int64))
+    model.train()
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(xt), yt)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+    return step
+
+
+def bigjax_side(args, x, y):
+    from bigjax.build import one_device
+    from bigjax.config import load_config
+    cfg = load_config(os.path.join(ROOT, "configs/resnet18_cifar10.yaml"), [
+        f"model.stem={args.stem}", "model.image_height=32", "model.image_width=32",
+        "model.image_channels=3", "task.num_labels=10", f"train.batch_size={args.batch}",
+        "mesh.data=1", "optimizer.schedule=constant", "optimizer.warmup_steps=0"])
+    parts = one_device(cfg)
+    state = [parts.init_state()]
+    batch = jax.device_put({"images": x, "labels": y, "weights": np.ones(len(y), np.float32)},
+                           parts.batch_sharding)
+
+    def step():
+        state[0], metrics = parts.train_step(state[0], batch)
+        return float(metrics["loss_sum"]) / float(metrics["weight"])  # waits for the step
+    return step
+
+
+def timed(step, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
+    p.add_argument("--chunk", type=int, default=3, help="steps of one system before switching")
+    p.add_argument("--rounds", type=int, default=4)
+    args = p.parse_args()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, args.batch).astype(np.int32)
+    import torch
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} "
+          f"on {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}", flush=True)
+    steps = {"pytorch": torch_side(args, x, y), "bigjax": bigjax_side(args, x, y)}
+    t = time.perf_counter()
+    first = {k: s() for k, s in steps.items()}  # warm-up: bigjax compiles here
+    print(f"first losses {first} (warm-up {time.perf_counter() - t:.1f} s)", flush=True)
+    times: dict[str, list[float]] = {k: [] for k in steps}
+    for _ in range(args.rounds):
+        for k, s in steps.items():
+            times[k] += timed(s, args.chunk)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for k in steps:
+        print(f"{k}: median {med[k]:.3f} s/step over {len(times[k])} steps, "
+              f"{args.batch / med[k]:.1f} images/s", flush=True)
+    print(f"ratio bigjax/pytorch images/s: {med['pytorch'] / med['bigjax']:.2f} "
+          f"(load average {os.getloadavg()[0]:.1f} at the end)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
