@@ -167,6 +167,8 @@ ALLOWED = {
     "data/tfds_source.py": "reads user input files", "data/lm_stream.py": "reads user input files",
     "data/prepared.py": "reads a prepared data dir (input data, on a local or mounted path)",
     "data/prepare.py": "writes a prepared data dir (input data, on a local or mounted path)",
+    "data/image_sources.py": "reads user image folders",
+    "hf/torchvision.py": "reads a user's torchvision weights file",
 }
 ROOT = os.path.join(os.path.dirname(__file__), "..", "bigjax")
 

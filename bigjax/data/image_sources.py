@@ -62,6 +62,11 @@ class FolderImages:
         return decode(self.files[i], self.mode, self.size), int(self.labels[i])
 
 
+def is_folder(source: str) -> bool:
+    """Whether `source` names an image folder (a local or mounted directory)."""
+    return os.path.isdir(source)
+
+
 def scan_folder(root: str, *, size: int, on_bad_rows: str,
                 class_names: Sequence[str] | None = None) -> FolderImages:
     """`class_names`: the training folder's classes, for a validation folder (same names)."""

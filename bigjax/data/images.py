@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import numpy as np
 
 from bigjax.config import Config
 from bigjax.data.augment import Augment
-from bigjax.data.image_sources import ImageExamples, scan_folder, tfds_images
+from bigjax.data.image_sources import ImageExamples, is_folder, scan_folder, tfds_images
 from bigjax.data.types import ArrayExamples, Data
 from bigjax.errors import DataError
+from bigjax.paths import run_path, write_text
 from bigjax.registry import register_data
 
 log = logging.getLogger("bigjax")
@@ -163,26 +163,21 @@ def save_meta(run_dir: str, data: Data, cfg: Config) -> None:
             "image_shape": i["image_shape"], "image_size": cfg.data.image_size,
             "pixel_mean": i["pixel_mean"], "pixel_std": i["pixel_std"],
             "scale": 16.0 if cfg.data.source == "sklearn:digits" else 255.0}
-    os.makedirs(run_dir, exist_ok=True)
-    tmp = os.path.join(run_dir, f".{META_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(meta, fh, indent=1)
-    os.replace(tmp, os.path.join(run_dir, META_FILE))
+    run = run_path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    write_text(run / META_FILE, json.dumps(meta, indent=1))
 
 
 def load_meta(run_dir: str) -> dict | None:
-    path = os.path.join(run_dir, META_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    path = run_path(run_dir) / META_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def build_image_data(cfg: Config, run_dir: str) -> Data:
     d = cfg.data
     if d.source == "sklearn:digits":
         data = _digits(cfg)
-    elif d.source.startswith("tfds:") or os.path.isdir(d.source):
+    elif d.source.startswith("tfds:") or is_folder(d.source):
         data = _decoded(cfg)
     else:
         raise DataError(f"data.source '{d.source}': the images builder reads sklearn:digits, "
