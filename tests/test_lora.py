@@ -166,3 +166,42 @@ def test_bad_lora_config_is_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):
         model_spec(load_config(None, ["model.name=bert", "model.vocab_size=128", "model.n_layers=1",
                                       "finetune.lora.rank=2", *overrides]))
+
+
+def test_gpt2_fused_attention_adapters_load_in_peft(tmp_path):
+    """GPT-2 fuses query, key and value in one Conv1D (c_attn): their three adapters go out as
+    one of rank 3r (rank_pattern), which must give the same logits as bigjax's."""
+    import peft
+
+    from bigjax.hf.peft import save_adapter
+    torch.manual_seed(2)
+    base = str(tmp_path / "gpt2")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)).save_pretrained(base)
+    cfg = updated(hf.model_config_for(base), {
+        "init.from": f"hf:{base}", "finetune.lora.rank": 2, "finetune.lora.alpha": 6.0,
+        "finetune.lora.targets": ["attn/(query|key|value)/kernel$", "mlp/up/kernel$"]})
+    spec = model_spec(cfg)
+    rng = np.random.default_rng(0)
+    loaded = flat_paths(hf.load_params(base, cfg))
+    flat = {p: loaded[p] if p in loaded else rng.normal(0, 0.3, a.shape).astype(np.float32)
+            for p, a in flat_paths(spec.abstract_params).items()}  # b != 0: adapters that act
+    params = {}
+    for p, v in flat.items():
+        node = params
+        *parents, last = p.split("/")
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[last] = v
+    ids = np.random.default_rng(1).integers(0, 50, (2, 10)).astype(np.int32)
+    model = nnx.merge(spec.graphdef, jax.tree.map(jnp.asarray, params), {}, copy=True)
+    ours = np.asarray(model(jnp.asarray(ids)))
+    out = str(tmp_path / "adapter")
+    save_adapter(params, merge(params, 3.0), cfg, [], out)
+    theirs_model = peft.PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(base), out).eval()
+    assert theirs_model.peft_config["default"].rank_pattern == {"transformer.h.0.attn.c_attn": 6,
+                                                                "transformer.h.1.attn.c_attn": 6}
+    with torch.no_grad():
+        theirs = theirs_model(input_ids=torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
