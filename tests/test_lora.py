@@ -42,7 +42,7 @@ def _base(path: str, seed: int) -> str:
 
 def _overrides(tmp, base, run):
     return [f"init.from=hf:{base}", "task.name=classification", f"data.source={tmp}/d.csv",
-            "data.text_field=review", "data.label_field=sentiment", "train.steps=4",
+            "data.text_field=review", "data.label_field=sentiment", "train.steps=2",
             "train.batch_size=8", "train.seq_len=16", "train.eval_every=0", "train.progress=false",
             "checkpoint.async_save=false", "optimizer.lr=0.05", f"run.dir={run}",
             "finetune.lora.rank=4", "finetune.lora.alpha=8", "finetune.lora.dropout=0.1",
@@ -77,10 +77,10 @@ def test_only_adapters_and_the_head_change_and_only_they_are_saved(run):
     mu = trainer.state.opt_state[0].mu
     assert set(flat_paths(mu)) == trainable
     # the checkpoint: adapters and the head alone, and the base's source recorded
-    step_dir = os.path.join(run_dir, "checkpoints", "4")
+    step_dir = os.path.join(run_dir, "checkpoints", "2")
     saved = flat_shapes(read_tree_metadata(os.path.join(step_dir, "state"))["params"])
     assert set(saved) == trainable
-    meta = trainer.checkpointer.read_meta(4)
+    meta = trainer.checkpointer.read_meta(2)
     assert meta["lora_base"]["source"] == f"hf:{base}"
     assert "layer_0/attn/key/kernel" in meta["lora_base"]["fingerprint"]
 
@@ -148,9 +148,9 @@ def test_adapters_on_another_base_are_one_line_exit_2(run, capsys):
     other = _base(str(tmp / "other"), 1)
     listing = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     code = cli.run(["train", os.path.join(run_dir, "config.yaml"), f"init.from=hf:{other}",
-                    "train.steps=6"])
+                    "train.steps=3"])
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the tokenizer's progress bar
-    assert code == 2 and err.startswith("bigjax: error: checkpoint step 4 in ")
+    assert code == 2 and err.startswith("bigjax: error: checkpoint step 2 in ")
     assert f"trained on init.from=hf:{base}, but init.from=hf:{other} has other weights" in err
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == listing
 
