@@ -189,6 +189,10 @@ def _predict(args) -> int:
 
 def _convert(args) -> int:
     from bigjax.hf import convert
+    if args.adapter and args.direction == "hf-to-bigjax":
+        from bigjax.errors import ConfigError
+        raise ConfigError("--adapter goes with bigjax-to-hf (a LoRA run's adapters in PEFT's "
+                          "format), not hf-to-bigjax")
     if args.direction == "hf-to-bigjax":
         cfg = convert.hf_to_bigjax(args.src, args.out)
         print(f"wrote run dir {args.out} (model {cfg.model.name}, task {cfg.task.name}); "

@@ -10,6 +10,7 @@ the devices (no host copy of the base, any mesh); float32 reductions in another 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -30,7 +31,6 @@ def is_lora(cfg: Config) -> bool:
 
 def saved_paths(cfg: Config, abstract_params: Any) -> list[str]:
     """The parameter paths a LoRA checkpoint holds: the adapters and `modules_to_save`."""
-    import re
     keep = cfg.finetune.lora.modules_to_save
     return [p for p in flat_paths(abstract_params)
             if p.rsplit("/", 1)[-1] in LORA_PARAMS or any(re.search(r, p) for r in keep)]
