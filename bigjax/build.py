@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from bigjax import mesh as mesh_lib
 from bigjax.config import Config
-from bigjax.optim import make_optimizer
+from bigjax.optim import ParamRules, make_optimizer, param_rules
 from bigjax.state import ModelSpec, TrainState, count_params, init_state, model_spec, state_shardings
 from bigjax.step import (jit_eval_step, jit_train_step, make_eval_step, make_train_step,
                          with_activation_sharding)
@@ -35,6 +35,7 @@ class Components:
     batch_sharding: NamedSharding  # splits the leading (batch) axis of every batch array
     train_step: Callable  # (state, batch) -> (state, metrics); donates the state
     eval_step: Callable  # (params, model_state, batch) -> additive statistics
+    rules: ParamRules  # which parameters train (frozen rules, LoRA) and what each rule matched
 
     @property
     def n_params(self) -> int:
@@ -53,22 +54,24 @@ class Components:
 
 def build(cfg: Config, mesh: Mesh) -> Components:
     """Raises ConfigError for a batch or a parameter that does not split over the mesh."""
-    rules = cfg.sharding.rules
-    mesh_lib.check_batch(cfg.train, rules, mesh)
+    mesh_lib.check_batch(cfg.train, cfg.sharding.rules, mesh)
     task = make_task(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps)
     spec = model_spec(cfg)
     abstract, shardings = state_shardings(cfg, spec, tx, mesh)
     # rank-1 spec: splits the leading (batch) axis of every batch array, whatever its rank
     # (classification labels are (B,), token arrays (B, T))
-    batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(rules, mesh, 1))
-    step = make_train_step(spec, task, tx, schedule, grad_accum=cfg.train.grad_accum, seed=cfg.seed)
-    train_step = jit_train_step(with_activation_sharding(step, mesh, rules), shardings,
+    batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(cfg.sharding.rules, mesh, 1))
+    rules = param_rules(cfg, spec.abstract_params)  # a rule that matches nothing fails here
+    step = make_train_step(spec, task, tx, schedule, grad_accum=cfg.train.grad_accum, seed=cfg.seed,
+                           trainable=None if rules.all_trainable else rules.trainable)
+    axes = cfg.sharding.rules
+    train_step = jit_train_step(with_activation_sharding(step, mesh, axes), shardings,
                                 batch_sharding)
-    eval_step = jit_eval_step(with_activation_sharding(make_eval_step(spec, task), mesh, rules),
+    eval_step = jit_eval_step(with_activation_sharding(make_eval_step(spec, task), mesh, axes),
                               shardings, batch_sharding)
     return Components(cfg, mesh, spec, task, tx, schedule, abstract, shardings, batch_sharding,
-                      train_step, eval_step)
+                      train_step, eval_step, rules)
 
 
 def one_device(cfg: Config) -> Components:

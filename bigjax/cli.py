@@ -28,6 +28,9 @@ Convert weights between Hugging Face format and bigjax run dirs (no PyTorch need
 
   bigjax convert hf-to-bigjax path/to/hf_model runs/imported   # then init.from=runs/imported
   bigjax convert bigjax-to-hf runs/my_run exported/             # AutoModel.from_pretrained loads it
+  bigjax convert bigjax-to-hf runs/my_lora adapter/ --adapter   # PeftModel.from_pretrained loads it
+
+A LoRA run exports its adapters merged into the base, or alone in PEFT's format (--adapter).
 
 Reads and writes config.json + model.safetensors (BERT, GPT-2, LLaMA-style) and tokenizer files.
 """
@@ -110,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("direction", choices=["hf-to-bigjax", "bigjax-to-hf"])
     cv.add_argument("src", help="HF model dir (config.json + model.safetensors) or bigjax run dir")
     cv.add_argument("out", help="new output directory")
+    cv.add_argument("--adapter", action="store_true",
+                    help="bigjax-to-hf of a LoRA run: the adapters alone in PEFT's format "
+                         "(adapter_config.json + adapter_model.safetensors), not merged weights")
     _data_parsers(sub)
     _perf_parsers(sub)
     return p
@@ -237,10 +243,19 @@ def _generate(args) -> int:
 
 def _convert(args) -> int:
     from bigjax.hf import convert
+    if args.adapter and args.direction == "hf-to-bigjax":
+        from bigjax.errors import ConfigError
+        raise ConfigError("--adapter goes with bigjax-to-hf (a LoRA run's adapters in PEFT's "
+                          "format), not hf-to-bigjax")
     if args.direction == "hf-to-bigjax":
         cfg = convert.hf_to_bigjax(args.src, args.out)
         print(f"wrote run dir {args.out} (model {cfg.model.name}, task {cfg.task.name}); "
               f"use it with init.from={args.out}", flush=True)
+    elif args.adapter:
+        cfg = convert.bigjax_to_hf(args.src, args.out, adapter=True)
+        print(f"wrote {args.out}/adapter_config.json and adapter_model.safetensors (LoRA rank "
+              f"{cfg.finetune.lora.rank}); load with peft.PeftModel.from_pretrained(base, "
+              f"'{args.out}')", flush=True)
     else:
         cfg = convert.bigjax_to_hf(args.src, args.out)
         print(f"wrote {args.out}/config.json and model.safetensors ({cfg.model.name}, "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +126,13 @@ class OptimizerConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
     clip_norm: float = 0.0  # global-norm clipping; 0 = off
+    # per-parameter rules, regexes searched in parameter paths (`layer_0/attn/query/kernel`);
+    # each must match some parameter. frozen: no gradient, no optimizer state, never changes
+    frozen: list[str] = field(default_factory=list)
+    # {regex: m}: the update (decay included) times m; the first matching regex wins
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # {regex: m}: weight decay times m where decay applies; the first matching regex wins
+    wd_multipliers: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -176,6 +184,23 @@ class InitConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # 0 = no LoRA; else adapters of this rank on the `targets` kernels
+    alpha: float = 16.0  # the adapter's update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input in training
+    # regexes over module paths (`layer_0/attn/query`) of the dense layers that get adapters
+    targets: list[str] = field(default_factory=lambda: [r"attn/(query|value)$"])
+    # regexes over parameter paths trained (and saved) in full besides the adapters: a head the
+    # base lacks (PEFT's modules_to_save), e.g. ["^classifier/"]
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass(frozen=True)
 class DistributedConfig:
     coordinator: str = ""  # host:port of process 0; "" = from the environment; auto = JAX detects
     num_processes: int = 0  # 0 = from the environment (BIGJAX_NUM_PROCESSES, SLURM, ...)
@@ -200,6 +225,7 @@ class Config:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
@@ -213,6 +239,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin is list:
         return "a list"
+    if origin is dict:
+        return "a mapping"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -231,6 +259,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: got {value!r}, expected a list")
         (item_tp,) = typing.get_args(tp)
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: got {value!r}, expected a mapping")
+        key_tp, item_tp = typing.get_args(tp)
+        return {_coerce(k, key_tp, f"{where} key"): _coerce(v, item_tp, f"{where}[{k!r}]")
+                for k, v in value.items()}
     if origin in (typing.Union, types.UnionType) or tp is Any:
         return value
     if tp is bool:
@@ -449,8 +483,39 @@ def validate(cfg: Config) -> None:
                 f"sharding.rules[{i}]: expected [logical_axis, mesh_axis | [mesh_axes] | null], "
                 f"got {rule!r}"
             )
+    _validate_rules(cfg)
     cfg.model.check(cfg)
     cfg.task.check(cfg)
+
+
+def _validate_rules(cfg: Config) -> None:
+    """Regexes compile, multipliers are not negative, LoRA sizes make sense (whether each rule
+    matches a parameter is checked when the model is built)."""
+    o, lora = cfg.optimizer, cfg.finetune.lora
+    named = [(f"optimizer.frozen[{i}]", r) for i, r in enumerate(o.frozen)]
+    for key in ("lr_multipliers", "wd_multipliers"):
+        for r, m in getattr(o, key).items():
+            named.append((f"optimizer.{key}[{r!r}]", r))
+            if m < 0:
+                raise ConfigError(f"optimizer.{key}[{r!r}] must be 0 or more, got {m}")
+    named += [(f"finetune.lora.{k}[{i}]", r) for k in ("targets", "modules_to_save")
+              for i, r in enumerate(getattr(lora, k))]
+    for key, r in named:
+        try:
+            re.compile(r)
+        except re.error as e:
+            raise ConfigError(f"{key}: {r!r} is not a regular expression ({e})")
+    if lora.rank < 0:
+        raise ConfigError(f"finetune.lora.rank must be 0 (off) or at least 1, got {lora.rank}")
+    if lora.rank:
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"finetune.lora.dropout must be in [0, 1), got {lora.dropout}")
+        if not lora.targets:
+            raise ConfigError("finetune.lora.targets is empty: give regexes of the dense layers "
+                              "that get adapters, e.g. ['attn/(query|value)$']")
+        if not cfg.init.from_:
+            raise ConfigError("finetune.lora needs init.from (the base model the adapters "
+                              "train on: a run dir or hf:DIR)")
 
 
 def _validate_data(d: DataConfig) -> None:

@@ -21,6 +21,8 @@ from bigjax import mesh as mesh_lib
 from bigjax.config import Config
 from bigjax.models import create_model
 from bigjax.models.axes import logical_axes
+from bigjax.models.lora import add_adapters
+from bigjax.optim import param_rules, subtree
 
 
 @flax.struct.dataclass
@@ -53,6 +55,8 @@ def nest_paths(flat: dict[tuple, Any]) -> dict:
 
 def _build(cfg: Config, seed: int) -> tuple[Any, dict, dict, dict]:
     model = create_model(cfg, nnx.Rngs(params=seed))
+    if cfg.finetune.lora.rank:
+        add_adapters(model, cfg.finetune.lora, seed + 1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest), logical_axes(params)
 
@@ -80,8 +84,9 @@ def state_shardings(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformati
     pspecs = mesh_lib.param_specs(spec.abstract_params, spec.logical_axes, cfg.sharding.rules, mesh)
     param_sh = mesh_lib.named(mesh, pspecs)
     replicated = NamedSharding(mesh, P())
+    trainable = param_rules(cfg, spec.abstract_params).trainable
     opt_sh = optax.tree_map_params(
-        tx, lambda _, sh: sh, abstract.opt_state, param_sh,
+        tx, lambda _, sh: sh, abstract.opt_state, subtree(param_sh, trainable),
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding))
     shardings = TrainState(
@@ -93,8 +98,10 @@ def state_shardings(cfg: Config, spec: ModelSpec, tx: optax.GradientTransformati
 def init_state_fn(cfg: Config, tx: optax.GradientTransformation):
     def init() -> TrainState:
         _, params, rest, _ = _build(cfg, cfg.seed)
+        # optimizer state for the trainable parameters only (bigjax.optim: frozen ones have none)
+        trainable = subtree(params, param_rules(cfg, params).trainable)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), model_state=rest)
+                          opt_state=tx.init(trainable), model_state=rest)
     return init
 
 

@@ -16,7 +16,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bigjax.mesh import to_sharding
+from bigjax.models import lora
 from bigjax.models.axes import constraints
+from bigjax.optim import flat_paths, join, subtree
 from bigjax.state import ModelSpec, TrainState
 from bigjax.tasks import Batch, Task
 
@@ -27,7 +29,9 @@ def _stats_fn(spec: ModelSpec, task: Task):
     def fn(params, model_state, batch, rng):
         model = nnx.merge(spec.graphdef, params, model_state, copy=True)
         rngs = None if rng is None else nnx.Rngs(dropout=rng)
-        stats = task.stats(model, batch, rngs)
+        # LoRA adapters draw their dropout from the step's key too (a dense call takes no rngs)
+        with lora.dropout_key(None if rng is None else jax.random.fold_in(rng, 0x10AA)):
+            stats = task.stats(model, batch, rngs)
         new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return stats["loss_sum"], (stats, new_model_state)
     return fn
@@ -40,33 +44,54 @@ def _split_micro(batch: Batch, k: int) -> Batch:
 
 def make_train_step(spec: ModelSpec, task: Task, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, grad_accum: int, seed: int,
-                    train: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    grad_fn = jax.grad(_stats_fn(spec, task), has_aux=True)
+                    train: bool = True, trainable: tuple[str, ...] | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """`trainable`: the parameter paths the step differentiates and updates (None: all); the
+    others (bigjax.optim.param_rules' frozen) go through the forward pass only, and stay
+    bitwise as they are."""
+    stats_fn = _stats_fn(spec, task)
+    everything = trainable is None
+
+    def split(params):
+        if everything:
+            return params, {}
+        keep = set(trainable)
+        return subtree(params, keep), subtree(params, [p for p in flat_paths(params) if p not in keep])
+
+    def loss(train_params, frozen_params, full_like, model_state, batch, rng):
+        params = train_params if everything else join(full_like, train_params, frozen_params)
+        return stats_fn(params, model_state, batch, rng)
+
+    grad_loss = jax.grad(loss, has_aux=True)
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(jax.random.key(seed), state.step) if train else None
+        train_params, frozen_params = split(state.params)
+        grad_fn = lambda p, ms, b, r: grad_loss(p, frozen_params, state.params, ms, b, r)
         if grad_accum == 1:
-            grads, (stats, model_state) = grad_fn(state.params, state.model_state, batch, rng)
+            grads, (stats, model_state) = grad_fn(train_params, state.model_state, batch, rng)
         else:
             def body(carry, xs):
                 g_acc, s_acc, ms = carry
                 i, micro = xs
                 r = None if rng is None else jax.random.fold_in(rng, i)
-                g, (s, ms) = grad_fn(state.params, ms, micro, r)
+                g, (s, ms) = grad_fn(train_params, ms, micro, r)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s), ms), None
 
             micro = _split_micro(batch, grad_accum)
             first = jax.tree.map(lambda x: x[0], micro)
             zero_stats = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: grad_fn(state.params, state.model_state, first, rng)[1][0]))
-            zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+                lambda: grad_fn(train_params, state.model_state, first, rng)[1][0]))
+            zero_grads = jax.tree.map(jnp.zeros_like, train_params)
             (grads, stats, model_state), _ = jax.lax.scan(
                 body, (zero_grads, zero_stats, state.model_state),
                 (jnp.arange(grad_accum), micro))
         weight = jnp.maximum(stats["weight"], 1e-9)
         grads = jax.tree.map(lambda g: g / weight, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, train_params)
+        params = optax.apply_updates(train_params, updates)
+        if not everything:  # frozen leaves pass through untouched: bitwise the same
+            params = join(state.params, params, frozen_params)
         metrics = {k: v for k, v in stats.items()}
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)

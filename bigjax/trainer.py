@@ -16,7 +16,7 @@ from typing import Any
 
 import jax
 
-from bigjax import distributed, registry
+from bigjax import distributed, finetune, registry
 from bigjax import mesh as mesh_lib
 from bigjax.build import build
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
@@ -92,8 +92,15 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def _meta(self, step: int) -> dict[str, Any]:
-        return {"step": step, "config": to_dict(self.cfg), "bigjax_version": __version__,
+        meta = {"step": step, "config": to_dict(self.cfg), "bigjax_version": __version__,
                 "mesh": dict(self.mesh.shape), "process_count": jax.process_count()}
+        if finetune.is_lora(self.cfg):  # the base the adapters belong to (bigjax.finetune)
+            meta["lora_base"] = {"source": self.cfg.init.from_, "fingerprint": self._base_print}
+        return meta
+
+    def _save(self, step: int, state: TrainState, data_state: dict, **kw) -> None:
+        self.checkpointer.save(step, finetune.stored(self.cfg, state, self._saved_paths),
+                               data_state, self._meta(step), **kw)
 
     def _restore_or_init(self) -> tuple[TrainState, dict | None]:
         """Resume from the newest usable checkpoint of the run, else init (and `init.from`).
@@ -108,17 +115,29 @@ class Trainer:
                 f"checkpoint.resume=never but {ckpt.directory} already holds checkpoints (steps "
                 f"{ckpt.all_steps()}); use a new run.dir, or resume=auto to continue from them")
         restored = None
+        lora = finetune.is_lora(self.cfg)
+        self._saved_paths = finetune.saved_paths(self.cfg, self.parts.abstract.params)
         if policy != "never":
-            target = abstract_with_shardings(self.parts.abstract, self.parts.shardings)
+            target = finetune.stored(self.cfg, abstract_with_shardings(
+                self.parts.abstract, self.parts.shardings), self._saved_paths)
             restored = ckpt.restore_latest(target, to_dict(self.cfg))
         # each process chose from its own view of the checkpoints
         distributed.agree("resume_step", str(restored.step if restored else 0),
                           self.cfg.distributed.timeout_s)
+        if lora:  # the frozen base comes from init.from every time; checkpoints lack it
+            base = finetune.with_base(self.cfg, self.parts.init_state())
+            self._base_print = finetune.fingerprint(base.params, self._saved_paths)
+            if restored is not None:
+                finetune.check_base(restored.meta, self._base_print, self.cfg.init.from_,
+                                    f"checkpoint step {restored.step} in {ckpt.directory}")
+                return finetune.restored_onto(base, restored.state), restored.data_state
         if restored is not None:
             return restored.state, restored.data_state
         if policy == "must":
             raise CheckpointError(
                 f"checkpoint.resume=must but {ckpt.directory} holds no checkpoint")
+        if lora:
+            return base, None
         state = self.parts.init_state()
         if self.cfg.init.from_:
             from bigjax.init_from import load_init_model_state, load_init_params
@@ -277,6 +296,8 @@ class Trainer:
             report.message(f"resumed from step {start} ({self.checkpointer.directory})")
         report.message(f"model: {self.n_params / 1e6:.2f}M parameters, mesh {dict(self.mesh.shape)}; "
                        f"data: {self.data.summary or f'{len(self.data.train)} training examples'}")
+        for line in self.parts.rules.lines:  # what each per-parameter rule matched
+            report.message(line)
         tokens_per_step = t.batch_size * t.seq_len
         flops_tok = flops_per_token(cfg, self.n_params)
         peak_info = peak(cfg)
@@ -320,8 +341,8 @@ class Trainer:
                 # keep_best ranks evaluated checkpoints, so every evaluation gets one
                 best = evaluated and cfg.checkpoint.keep_best_metric
                 if ((every and step % every == 0) or best) and step < t.steps:
-                    self.checkpointer.save(step, state, loader.state(), self._meta(step),
-                                           metrics=last if evaluated else None, force=True)
+                    self._save(step, state, loader.state(), metrics=last if evaluated else None,
+                               force=True)
                 if self._stop_requested or self.checkpointer.reached_preemption(step):
                     preempted = step < t.steps
                     break
@@ -332,8 +353,8 @@ class Trainer:
                 last = self._evaluate_and_log(report, step, every_metric=True)
             self._watchdog.stop()  # a final save may take long on slow storage
             if step not in self.checkpointer.all_steps():
-                self.checkpointer.save(step, state, loader.state(), self._meta(step),
-                                       metrics=None if preempted else last, force=True)
+                self._save(step, state, loader.state(), metrics=None if preempted else last,
+                           force=True)
             self.checkpointer.wait()
             if preempted:
                 report.message(f"stopped by signal at step {step}; checkpoint complete in "

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import jax
 
+from bigjax import finetune
 from bigjax.build import one_device
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings
 from bigjax.config import CheckpointConfig, Config, load_config, save_config, to_dict, updated
 from bigjax.errors import CheckpointError
-from bigjax.hf import WEIGHTS, load_params, model_config_for, save_params
+from bigjax.hf import WEIGHTS, load_params, model_config_for, peft, save_params
+from bigjax.models.lora import merge
 from bigjax.paths import PathLike, run_path, run_str
 from bigjax.tasks import head
 
@@ -76,6 +78,10 @@ def run_params(run_dir: PathLike, step: int | None = None) -> tuple[Config, dict
     cfg = load_config(cfg_path, saved=True)
     if not (cfg_path.parent / "checkpoints").is_dir():
         raise CheckpointError(f"'{run_dir}' has no checkpoints/ directory")
+    if finetune.is_lora(cfg):  # adapters alone on disk: the base comes back from init.from
+        from bigjax.trainer import Trainer
+        trainer = Trainer.from_run(run_dir)
+        return trainer.cfg, jax.device_get(trainer.init_state().params)
     ckpt = Checkpointer(run_dir, cfg.checkpoint)
     step = ckpt.latest_step() if step is None else step
     if step is None:
@@ -86,19 +92,30 @@ def run_params(run_dir: PathLike, step: int | None = None) -> tuple[Config, dict
     return cfg, jax.device_get(restored.state.params)
 
 
-def bigjax_to_hf(run_dir: PathLike, out: PathLike) -> Config:
-    """Export a run's latest parameters (and tokenizer) as a Hugging Face model dir."""
+def bigjax_to_hf(run_dir: PathLike, out: PathLike, adapter: bool = False) -> Config:
+    """Export a run's latest parameters (and tokenizer) as a Hugging Face model dir; a LoRA run's
+    adapters are merged into the base, or with `adapter` written alone in PEFT's format."""
     out_dir = run_path(out, absolute=False)
-    for name in (WEIGHTS, "config.json"):
+    for name in (peft.CONFIG, peft.WEIGHTS) if adapter else (WEIGHTS, "config.json"):
         if (out_dir / name).exists():
             raise CheckpointError(f"'{out_dir / name}' already exists; export into a new "
                                   "directory")
     cfg, params = run_params(run_dir)
+    if adapter and not finetune.is_lora(cfg):
+        raise CheckpointError(f"--adapter: '{run_dir}' is not a LoRA run (finetune.lora.rank is "
+                              f"0); export its whole weights without --adapter")
+    merged = merge(params, cfg.finetune.lora.alpha / cfg.finetune.lora.rank) \
+        if finetune.is_lora(cfg) else params
     tmp = out_dir.parent / (out_dir.name + ".tmp-export")  # what a killed export left is redone
     tmp.rmtree(missing_ok=True)
     from bigjax.data.classification import load_label_names
     labels = load_label_names(run_dir) if head(cfg) == "classification" else None
-    save_params(params, cfg, tmp, labels)
+    if adapter:
+        saved = [p for p in finetune.saved_paths(cfg, params)
+                 if p.rsplit("/", 1)[-1] not in ("lora_a", "lora_b")]
+        peft.save_adapter(params, merged, cfg, saved, tmp, labels)
+    else:
+        save_params(merged, cfg, tmp, labels)
     tok_dir = run_path(run_dir) / "tokenizer"
     if not tok_dir.is_dir() and cfg.data.tokenizer:
         tok_dir = run_path(cfg.data.tokenizer)
