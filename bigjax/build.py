@@ -17,8 +17,8 @@ from bigjax import mesh as mesh_lib
 from bigjax.config import Config
 from bigjax.optim import make_optimizer
 from bigjax.state import ModelSpec, TrainState, count_params, init_state, model_spec, state_shardings
-from bigjax.step import (jit_eval_step, jit_train_step, make_eval_step, make_train_step,
-                         with_activation_sharding)
+from bigjax.step import (jit_eval_step, jit_train_step, jit_train_step_with_inputs, make_eval_step,
+                         make_train_step, with_activation_sharding)
 from bigjax.tasks import Task, make_task
 
 
@@ -63,8 +63,13 @@ def build(cfg: Config, mesh: Mesh) -> Components:
     # (classification labels are (B,), token arrays (B, T))
     batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(rules, mesh, 1))
     step = make_train_step(spec, task, tx, schedule, grad_accum=cfg.train.grad_accum, seed=cfg.seed)
-    train_step = jit_train_step(with_activation_sharding(step, mesh, rules), shardings,
-                                batch_sharding)
+    if hasattr(task, "step_inputs"):  # e.g. a distillation teacher: loaded on the first step
+        train_step = jit_train_step_with_inputs(
+            with_activation_sharding(step, mesh, rules), shardings, batch_sharding,
+            lambda: task.step_inputs(mesh, rules))
+    else:
+        train_step = jit_train_step(with_activation_sharding(step, mesh, rules), shardings,
+                                    batch_sharding)
     eval_step = jit_eval_step(with_activation_sharding(make_eval_step(spec, task), mesh, rules),
                               shardings, batch_sharding)
     return Components(cfg, mesh, spec, task, tx, schedule, abstract, shardings, batch_sharding,

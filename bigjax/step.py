@@ -24,10 +24,12 @@ Metrics = dict[str, jax.Array]
 
 
 def _stats_fn(spec: ModelSpec, task: Task):
-    def fn(params, model_state, batch, rng):
+    def fn(params, model_state, batch, rng, inputs=None):
         model = nnx.merge(spec.graphdef, params, model_state, copy=True)
         rngs = None if rng is None else nnx.Rngs(dropout=rng)
-        stats = task.stats(model, batch, rngs)
+        # a task with arrays of its own (a distillation teacher) gets them bound as step inputs
+        bound = task if inputs is None else task.bind(inputs)
+        stats = bound.stats(model, batch, rngs)
         new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return stats["loss_sum"], (stats, new_model_state)
     return fn
@@ -43,22 +45,25 @@ def make_train_step(spec: ModelSpec, task: Task, tx: optax.GradientTransformatio
                     train: bool = True) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     grad_fn = jax.grad(_stats_fn(spec, task), has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch, inputs: Any = None
+                   ) -> tuple[TrainState, Metrics]:
+        """`inputs`: the task's own arrays (`task.step_inputs`), never differentiated or saved."""
         rng = jax.random.fold_in(jax.random.key(seed), state.step) if train else None
         if grad_accum == 1:
-            grads, (stats, model_state) = grad_fn(state.params, state.model_state, batch, rng)
+            grads, (stats, model_state) = grad_fn(state.params, state.model_state, batch, rng,
+                                                  inputs)
         else:
             def body(carry, xs):
                 g_acc, s_acc, ms = carry
                 i, micro = xs
                 r = None if rng is None else jax.random.fold_in(rng, i)
-                g, (s, ms) = grad_fn(state.params, ms, micro, r)
+                g, (s, ms) = grad_fn(state.params, ms, micro, r, inputs)
                 return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, s_acc, s), ms), None
 
             micro = _split_micro(batch, grad_accum)
             first = jax.tree.map(lambda x: x[0], micro)
             zero_stats = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: grad_fn(state.params, state.model_state, first, rng)[1][0]))
+                lambda: grad_fn(state.params, state.model_state, first, rng, inputs)[1][0]))
             zero_grads = jax.tree.map(jnp.zeros_like, state.params)
             (grads, stats, model_state), _ = jax.lax.scan(
                 body, (zero_grads, zero_stats, state.model_state),
@@ -99,6 +104,25 @@ def jit_train_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def jit_train_step_with_inputs(step_fn, state_shardings: TrainState, batch_shardings: Any,
+                               load_inputs: Callable[[], tuple[Any, Any]]):
+    """`(state, batch) -> (state, metrics)` for a task with arrays of its own: `load_inputs()`
+    gives (arrays, their shardings) on first call; they enter the jitted step as an argument, so
+    they are sharded like any input, never part of the state and never in a checkpoint."""
+    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
+    box: dict = {}
+
+    def train_step(state, batch):
+        if not box:
+            arrays, shardings = load_inputs()
+            box["inputs"] = arrays
+            box["fn"] = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, shardings),
+                                out_shardings=(state_shardings, replicated), donate_argnums=0)
+        return box["fn"](state, batch, box["inputs"])
+
+    return train_step
 
 
 def jit_eval_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
