@@ -35,6 +35,9 @@ class Components:
     batch_sharding: NamedSharding  # splits the leading (batch) axis of every batch array
     train_step: Callable  # (state, batch) -> (state, metrics); donates the state
     eval_step: Callable  # (params, model_state, batch) -> additive statistics
+    # the float parameters from the state's `params` inside a jitted function (int8 runs
+    # dequantise there, bigjax/compress.py); None: they are the parameters
+    param_view: Callable | None = None
 
     @property
     def n_params(self) -> int:
@@ -47,7 +50,9 @@ class Components:
     def jit_eval(self, fn: Callable) -> Callable:
         """`fn(params, model_state, batch)` jitted like the eval step (activation constraints on
         this mesh, the state's shardings in, replicated out): predict and generate use it."""
-        return jit_eval_step(with_activation_sharding(fn, self.mesh, self.cfg.sharding.rules),
+        view = self.param_view
+        inner = fn if view is None else (lambda p, ms, b: fn(view(p), ms, b))
+        return jit_eval_step(with_activation_sharding(inner, self.mesh, self.cfg.sharding.rules),
                              self.shardings, self.batch_sharding)
 
 

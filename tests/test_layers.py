@@ -21,7 +21,7 @@ LAYERS = [
     ("step", "predict"),
     ("resolve", "build"),
     ("plan", "bench"),
-    ("checkpoint", "init_from", "report"),
+    ("checkpoint", "init_from", "report", "distill", "compress"),
     ("trainer", "hf.convert"),
     ("cli", "__init__"),
 ]
