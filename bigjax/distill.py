@@ -242,22 +242,33 @@ def _data_name(cfg: Config) -> str:
     return "distill_" + cfg.task.objective
 
 
+_BASE = {"classification": "classification", "causal_lm": "lm"}  # the objective's own builder
+
+
 def _build_data(cfg: Config, run_dir: str):
     """The objective's own data, tokenized by the teacher's tokenizer unless `data.tokenizer`
     says otherwise; a tokenizer or label set that differs from the teacher's is an error."""
     from bigjax.data.classification import save_label_names
-    teacher = read_teacher(cfg)
     objective = cfg.task.objective
     data_cfg = cfg
     own = os.path.join(run_dir, "tokenizer")
+    try:
+        teacher = read_teacher(cfg)
+    except ConfigError:
+        if not os.path.isdir(own):
+            raise
+        # a student that has trained (eval, predict, compress): the teacher may be gone, and
+        # training again would read it at its first step, with its own error
+        data = registry.data_builder(_BASE[objective]).build(cfg, run_dir)
+        data.sizes.setdefault("num_labels", 0)
+        return data
     if not cfg.data.tokenizer and not os.path.isdir(own) and not cfg.init.from_:
         if not os.path.isdir(teacher.tokenizer_dir):
             raise ConfigError(f"task.teacher={teacher.source}: no tokenizer at "
                               f"'{teacher.tokenizer_dir}'; set data.tokenizer")
         data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, tokenizer=teacher.tokenizer_dir))
-    base = {"classification": "classification", "causal_lm": "lm"}[objective]
-    data = registry.data_builder(base).build(data_cfg, run_dir)
+    data = registry.data_builder(_BASE[objective]).build(data_cfg, run_dir)
     vocab = data.tokenizer.get_vocab()
     from bigjax.data.tokenizer import load_tokenizer
     t_vocab = load_tokenizer(teacher.tokenizer_dir).get_vocab() \
@@ -273,6 +284,7 @@ def _build_data(cfg: Config, run_dir: str):
             raise ConfigError(f"task.teacher={teacher.source}: its labels "
                               f"[{', '.join(teacher.labels)}] differ from the data's "
                               f"[{', '.join(names)}]; the teacher must score the same classes")
+    data.sizes.setdefault("num_labels", 0)  # task.num_labels is derived; an LM has none
     if not os.path.isdir(own) and jax.process_index() == 0:  # eval/predict find the run's copy
         data.tokenizer.save_pretrained(own)
     return data

@@ -142,9 +142,9 @@ def test_teacher_reading_other_tokens_or_no_run_is_refused(teacher):
 
 
 def test_causal_lm_distillation_is_token_level_kl(tmp_path):
-    lines = [f"the cat {i % 7} sat on the mat number {i % 5} and ran" for i in range(120)]
-    (tmp_path / "t.txt").write_text("\n".join(lines))
-    common = [f"data.source={tmp_path}/t.txt", "data.vocab_size=300", "model.d_model=32",
+    docs = [{"text": f"the cat {i % 7} sat on the mat number {i % 5} and ran"} for i in range(120)]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    common = [f"data.source={tmp_path}/t.jsonl", "data.vocab_size=300", "data.val_fraction=0.1", "model.d_model=32",
               "model.n_heads=2", "model.d_ff=64", "model.n_layers=1", "model.max_seq_len=16",
               "train.seq_len=16", "train.batch_size=16", "train.eval_every=0", "train.peak_tflops=1",
               "train.progress=false", "checkpoint.async_save=false", "optimizer.lr=0.01"]
