@@ -73,9 +73,15 @@ class Distill:
     alpha: float
     teacher: "Teacher | None" = field(default=None, compare=False)
     teacher_params: Any = None
+    vocab_size: int = 0  # the student's, for causal LM: both distributions span one vocabulary
     name: str = "distill"
 
     def step_inputs(self, mesh, rules) -> tuple[Any, Any]:
+        t_vocab = getattr(self.teacher.cfg.model, "vocab_size", 0)
+        if self.objective == "causal_lm" and t_vocab != self.vocab_size:
+            raise ConfigError(f"task.teacher={self.teacher.source}: its vocabulary has {t_vocab} "
+                              f"entries, the student's model.vocab_size={self.vocab_size}; the "
+                              "token-level KL needs the same vocabulary")
         return self.teacher.load(mesh, rules)
 
     def bind(self, teacher_params: Any) -> "Distill":
@@ -220,7 +226,8 @@ def _create(cfg: Config) -> Distill:
     if t.objective == "classification" and t.num_labels < 2:
         raise ConfigError(f"task.num_labels must be at least 2 for classification, "
                           f"got {t.num_labels}")
-    return Distill(t.objective, t.num_labels, t.temperature, t.alpha, teacher=_LazyTeacher(cfg))
+    return Distill(t.objective, t.num_labels, t.temperature, t.alpha, teacher=_LazyTeacher(cfg),
+                   vocab_size=getattr(cfg.model, "vocab_size", 0))
 
 
 class _LazyTeacher:
