@@ -17,8 +17,8 @@ from bigjax import mesh as mesh_lib
 from bigjax.config import Config
 from bigjax.optim import ParamRules, make_optimizer, param_rules
 from bigjax.state import ModelSpec, TrainState, count_params, init_state, model_spec, state_shardings
-from bigjax.step import (jit_eval_step, jit_train_step, make_eval_step, make_train_step,
-                         with_activation_sharding)
+from bigjax.step import (jit_eval_step, jit_train_step, jit_train_step_with_inputs, make_eval_step,
+                         make_train_step, with_activation_sharding)
 from bigjax.tasks import Task, make_task
 
 
@@ -36,6 +36,9 @@ class Components:
     train_step: Callable  # (state, batch) -> (state, metrics); donates the state
     eval_step: Callable  # (params, model_state, batch) -> additive statistics
     rules: ParamRules  # which parameters train (frozen rules, LoRA) and what each rule matched
+    # the float parameters from the state's `params` inside a jitted function (int8 runs
+    # dequantise there, bigjax/compress.py); None: they are the parameters
+    param_view: Callable | None = None
 
     @property
     def n_params(self) -> int:
@@ -48,7 +51,9 @@ class Components:
     def jit_eval(self, fn: Callable) -> Callable:
         """`fn(params, model_state, batch)` jitted like the eval step (activation constraints on
         this mesh, the state's shardings in, replicated out): predict and generate use it."""
-        return jit_eval_step(with_activation_sharding(fn, self.mesh, self.cfg.sharding.rules),
+        view = self.param_view
+        inner = fn if view is None else (lambda p, ms, b: fn(view(p), ms, b))
+        return jit_eval_step(with_activation_sharding(inner, self.mesh, self.cfg.sharding.rules),
                              self.shardings, self.batch_sharding)
 
 
@@ -61,13 +66,18 @@ def build(cfg: Config, mesh: Mesh) -> Components:
     abstract, shardings = state_shardings(cfg, spec, tx, mesh)
     # rank-1 spec: splits the leading (batch) axis of every batch array, whatever its rank
     # (classification labels are (B,), token arrays (B, T))
-    batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(cfg.sharding.rules, mesh, 1))
+    axes = cfg.sharding.rules
+    batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(axes, mesh, 1))
     rules = param_rules(cfg, spec.abstract_params)  # a rule that matches nothing fails here
     step = make_train_step(spec, task, tx, schedule, grad_accum=cfg.train.grad_accum, seed=cfg.seed,
                            trainable=None if rules.all_trainable else rules.trainable)
-    axes = cfg.sharding.rules
-    train_step = jit_train_step(with_activation_sharding(step, mesh, axes), shardings,
-                                batch_sharding)
+    if hasattr(task, "step_inputs"):  # e.g. a distillation teacher: loaded on the first step
+        train_step = jit_train_step_with_inputs(
+            with_activation_sharding(step, mesh, axes), shardings, batch_sharding,
+            lambda: task.step_inputs(mesh, axes))
+    else:
+        train_step = jit_train_step(with_activation_sharding(step, mesh, axes), shardings,
+                                    batch_sharding)
     eval_step = jit_eval_step(with_activation_sharding(make_eval_step(spec, task), mesh, axes),
                               shardings, batch_sharding)
     return Components(cfg, mesh, spec, task, tx, schedule, abstract, shardings, batch_sharding,

@@ -36,6 +36,17 @@ Reads and writes config.json + model.safetensors (BERT, GPT-2, LLaMA-style) and 
 """
 
 
+COMPRESS_HELP = """\
+Quantise the linear layers' kernels of a finished run to int8, per output channel (float32
+scales); embeddings, norms and biases stay float32. OUT is a run that eval and predict use
+directly (dequantising inside the compiled step). Prints size on disk and the metric change on the
+run's validation split.
+
+  bigjax compress runs/minilm_sentiment --int8 runs/minilm_sentiment_int8
+  bigjax eval runs/minilm_sentiment_int8
+"""
+
+
 PLAN_HELP = """\
 Parameters, FLOPs, per-device memory and training time of a config on N devices of a type, from
 abstract shapes only (no data, no devices needed; model.vocab_size must be set).
@@ -116,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("--adapter", action="store_true",
                     help="bigjax-to-hf of a LoRA run: the adapters alone in PEFT's format "
                          "(adapter_config.json + adapter_model.safetensors), not merged weights")
+    cm = _command(sub, "compress", "int8 weights of a finished run, for eval/predict/generate",
+                  COMPRESS_HELP)
+    cm.add_argument("run_dir", help="a finished run (its latest checkpoint is at train.steps)")
+    cm.add_argument("--int8", required=True, metavar="OUT", help="new run dir to write")
     _data_parsers(sub)
     _perf_parsers(sub)
     return p
@@ -263,6 +278,45 @@ def _convert(args) -> int:
     return 0
 
 
+def _compress(args) -> int:
+    import json
+
+    import jax
+
+    from bigjax import compress
+    from bigjax.errors import CheckpointError
+    from bigjax.trainer import Trainer
+    src, out = args.run_dir, args.int8
+    if os.path.exists(out):
+        raise CheckpointError(f"'{out}' already exists; compress into a new directory")
+    if compress.is_compressed(src):
+        raise CheckpointError(f"'{src}' is already an int8-compressed run")
+    source = Trainer.from_run(src, ["train.eval_batches=0"])
+    state = source.init_state()
+    step, steps = int(jax.device_get(state.step)), source.cfg.train.steps
+    if step != steps:
+        raise CheckpointError(f"'{src}' is not finished: its latest checkpoint is step {step} of "
+                              f"train.steps={steps}; run its training to the end first")
+    before = source.evaluate()
+    report = compress.write_int8_run(src, out, source.cfg, step, jax.device_get(state.params),
+                                     jax.device_get(state.model_state))
+    after = Trainer.from_run(out, ["train.eval_batches=0"]).evaluate()
+    report.update(source_checkpoint_bytes=compress.dir_size(
+        os.path.join(src, "checkpoints", str(step))), metrics_before=before, metrics_after=after)
+    with open(os.path.join(out, compress.MARKER), "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+    mb = lambda n: f"{n / 1e6:.2f} MB"
+    print(f"wrote {out}: {report['quantized_kernels']} linear kernels ({report['quantized_params']:,} "
+          f"of {report['params']:,} parameters) as int8, float32 scales per output channel", flush=True)
+    print(f"size on disk: {mb(report['weights_bytes'])} ({compress.WEIGHTS}); float32 parameters "
+          f"{mb(report['float32_params_bytes'])} "
+          f"({report['float32_params_bytes'] / report['weights_bytes']:.2f}x); source checkpoint "
+          f"with optimizer state {mb(report['source_checkpoint_bytes'])}", flush=True)
+    print("validation: " + " ".join(f"{k} {before[k]:.4f} -> {after[k]:.4f} ({after[k] - before[k]:+.4f})"
+                                    for k in before), flush=True)
+    return 0
+
+
 def _data(args) -> int:
     import tempfile
 
@@ -345,7 +399,7 @@ def _bench(args) -> int:
 
 COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints,
             "eval": _eval, "predict": _predict, "convert": _convert, "plan": _plan,
-            "bench": _bench, "generate": _generate}
+            "bench": _bench, "generate": _generate, "compress": _compress}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -27,7 +27,7 @@ BUILTINS = ("bigjax.models.gpt", "bigjax.models.bert", "bigjax.tasks", "bigjax.d
             "bigjax.data.mlm", "bigjax.data.classification",
             "bigjax.models.cnn", "bigjax.models.resnet", "bigjax.tasks_image",
             "bigjax.data.images",  # images: CNNs and ResNets
-            "bigjax.models.rnn")
+            "bigjax.models.rnn", "bigjax.distill")
 
 
 @dataclass(frozen=True)
@@ -46,20 +46,27 @@ class ModelFamily:
 @dataclass(frozen=True)
 class TaskKind:
     """`config`: the `task:` schema (derives from `bigjax.config.TaskConfig`); `create(cfg)`: the
-    Task (loss and metrics); `data`: the name of the data builder that makes its batches."""
+    Task (loss and metrics); `data`: the name of the data builder that makes its batches, or a
+    function of the Config that names it (a task over another task's batches, as distillation)."""
 
     name: str
     config: type
     create: Callable[..., Any]
-    data: str
+    data: str | Callable[..., str]
+
+    def data_name(self, cfg: Any) -> str:
+        return self.data(cfg) if callable(self.data) else self.data
 
 
 @dataclass(frozen=True)
 class DataBuilder:
-    """`build(cfg, run_dir) -> bigjax.data.types.Data`: train and eval examples, tokenizer, sizes."""
+    """`build(cfg, run_dir) -> bigjax.data.types.Data`: train and eval examples, tokenizer, sizes;
+    `batches`: the kind of batches it makes when they are those of a builtin builder
+    ("classification", "mlm", "lm"), which picks the model's head; "" = its own name."""
 
     name: str
     build: Callable[..., Any]
+    batches: str = ""
 
 
 _ENTRIES: dict[str, dict[str, Any]] = {"model": {}, "task": {}, "data builder": {}}
@@ -80,15 +87,16 @@ def register_model(name: str, config: type, create: Callable[..., Any], *,
     return entry
 
 
-def register_task(name: str, config: type, create: Callable[..., Any], *, data: str) -> TaskKind:
+def register_task(name: str, config: type, create: Callable[..., Any], *,
+                  data: str | Callable[..., str]) -> TaskKind:
     _check_schema("task", name, config, "TaskConfig")
     entry = TaskKind(name, config, create, data)
     _ENTRIES["task"][name] = entry
     return entry
 
 
-def register_data(name: str, build: Callable[..., Any]) -> DataBuilder:
-    entry = DataBuilder(name, build)
+def register_data(name: str, build: Callable[..., Any], *, batches: str = "") -> DataBuilder:
+    entry = DataBuilder(name, build, batches or name)
     _ENTRIES["data builder"][name] = entry
     return entry
 

@@ -26,12 +26,14 @@ Metrics = dict[str, jax.Array]
 
 
 def _stats_fn(spec: ModelSpec, task: Task):
-    def fn(params, model_state, batch, rng):
+    def fn(params, model_state, batch, rng, inputs=None):
         model = nnx.merge(spec.graphdef, params, model_state, copy=True)
         rngs = None if rng is None else nnx.Rngs(dropout=rng)
+        # a task with arrays of its own (a distillation teacher) gets them bound as step inputs
+        bound = task if inputs is None else task.bind(inputs)
         # LoRA adapters draw their dropout from the step's key too (a dense call takes no rngs)
         with lora.dropout_key(None if rng is None else jax.random.fold_in(rng, 0x10AA)):
-            stats = task.stats(model, batch, rngs)
+            stats = bound.stats(model, batch, rngs)
         new_model_state = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
         return stats["loss_sum"], (stats, new_model_state)
     return fn
@@ -58,16 +60,18 @@ def make_train_step(spec: ModelSpec, task: Task, tx: optax.GradientTransformatio
         keep = set(trainable)
         return subtree(params, keep), subtree(params, [p for p in flat_paths(params) if p not in keep])
 
-    def loss(train_params, frozen_params, full_like, model_state, batch, rng):
+    def loss(train_params, frozen_params, full_like, model_state, batch, rng, inputs):
         params = train_params if everything else join(full_like, train_params, frozen_params)
-        return stats_fn(params, model_state, batch, rng)
+        return stats_fn(params, model_state, batch, rng, inputs)
 
     grad_loss = jax.grad(loss, has_aux=True)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    def train_step(state: TrainState, batch: Batch, inputs: Any = None
+                   ) -> tuple[TrainState, Metrics]:
+        """`inputs`: the task's own arrays (`task.step_inputs`), never differentiated or saved."""
         rng = jax.random.fold_in(jax.random.key(seed), state.step) if train else None
         train_params, frozen_params = split(state.params)
-        grad_fn = lambda p, ms, b, r: grad_loss(p, frozen_params, state.params, ms, b, r)
+        grad_fn = lambda p, ms, b, r: grad_loss(p, frozen_params, state.params, ms, b, r, inputs)
         if grad_accum == 1:
             grads, (stats, model_state) = grad_fn(train_params, state.model_state, batch, rng)
         else:
@@ -124,6 +128,25 @@ def jit_train_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
+
+
+def jit_train_step_with_inputs(step_fn, state_shardings: TrainState, batch_shardings: Any,
+                               load_inputs: Callable[[], tuple[Any, Any]]):
+    """`(state, batch) -> (state, metrics)` for a task with arrays of its own: `load_inputs()`
+    gives (arrays, their shardings) on first call; they enter the jitted step as an argument, so
+    they are sharded like any input, never part of the state and never in a checkpoint."""
+    replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
+    box: dict = {}
+
+    def train_step(state, batch):
+        if not box:
+            arrays, shardings = load_inputs()
+            box["inputs"] = arrays
+            box["fn"] = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, shardings),
+                                out_shardings=(state_shardings, replicated), donate_argnums=0)
+        return box["fn"](state, batch, box["inputs"])
+
+    return train_step
 
 
 def jit_eval_step(step_fn, state_shardings: TrainState, batch_shardings: Any):

@@ -184,8 +184,12 @@ def head(cfg: Config) -> str | None:
     """The kind of output head the task's batches need: "masked_lm" (token logits at masked
     positions), "classification" (logits per sequence) or None (the model's own output). Read
     from the task's data builder, so a plug-in task on classification batches gets a classifier."""
-    return {"mlm": "masked_lm", "classification": "classification"}.get(
-        registry.task(cfg.task.name).data)
+    name = registry.task(cfg.task.name).data_name(cfg)
+    try:
+        batches = registry.data_builder(name).batches
+    except ConfigError:  # an unknown builder fails where the data is built, with its own message
+        batches = name
+    return {"mlm": "masked_lm", "classification": "classification"}.get(batches)
 
 
 def make_task(cfg: Config) -> Task:

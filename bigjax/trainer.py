@@ -20,6 +20,7 @@ from bigjax import distributed, finetune, registry
 from bigjax import mesh as mesh_lib
 from bigjax.build import build
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
+from bigjax.compress import int8_components, is_compressed, load_state as load_int8_state
 from bigjax.config import Config, load_config, save_config, to_dict
 from bigjax.data.loader import eval_batches
 from bigjax.data.pipeline import build_data
@@ -65,6 +66,10 @@ class Trainer:
             self._data = build_data(cfg, self.run_dir)  # bad data fails here
         self.cfg = cfg if resolved else resolve(cfg, self._data)
         self.parts = build(self.cfg, self.mesh)
+        # a compressed run (`bigjax compress`): int8 weights, dequantised inside the jitted steps
+        self.int8 = resolved and is_compressed(self.run_dir)
+        if self.int8:
+            self.parts = int8_components(self.parts)
         self.checkpointer: Checkpointer | None = None
         self.state: TrainState | None = None
         self._stop_requested = False
@@ -149,6 +154,8 @@ class Trainer:
         return state, None
 
     def init_state(self) -> TrainState:
+        if self.state is None and self.int8:
+            self.state = load_int8_state(self.run_dir, self.parts)
         if self.state is None:
             self.checkpointer = self.checkpointer or Checkpointer(self.run_dir, self.cfg.checkpoint)
             self.state, self._data_state = self._restore_or_init()
@@ -279,6 +286,9 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.train
+        if self.int8:
+            raise ConfigError(f"{self.run_dir} is an int8-compressed run (bigjax compress): eval, "
+                              "predict and generate use it; train its source run instead")
         stage("restoring or initialising the train state", t.progress)
         state = self.init_state()
         self.checkpointer.check_writable()  # fail now, not at the first save after hours of steps

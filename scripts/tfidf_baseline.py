@@ -3,7 +3,9 @@ classification config uses: the reference point for the seed workflow's accuraci
 
     .venv/bin/python scripts/tfidf_baseline.py configs/minilm_sentiment.yaml [key=value ...]
 
-Prints one line: `tfidf_logreg eval_accuracy=... eval_macro_f1=... (N train, M validation rows)`.
+Prints one line: `tfidf_logreg eval_accuracy=... eval_macro_f1=... params=P weights_bytes=B (N train,
+M validation rows)`: P counts the classifier's weights, B their bytes plus the idf table's and the
+vocabulary's (as UTF-8 text), what a saved model needs.
 scikit-learn is a test/bench dependency of bigjax, not a runtime one.
 """
 
@@ -41,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     x_train = vec.fit_transform([r.text for r in train])
     clf = LogisticRegression(max_iter=2000, C=2.0).fit(x_train, y_train)
     pred = clf.predict(vec.transform([r.text for r in val]))
+    params = clf.coef_.size + clf.intercept_.size
+    size = (clf.coef_.nbytes + clf.intercept_.nbytes + vec.idf_.nbytes
+            + sum(len(t.encode()) + 1 for t in vec.vocabulary_))
     print(f"tfidf_logreg eval_accuracy={accuracy_score(y_val, pred):.4f} "
           f"eval_macro_f1={f1_score(y_val, pred, average='macro'):.4f} "
+          f"params={params} weights_bytes={size} "
           f"({len(train)} train, {len(val)} validation rows)", flush=True)
     return 0
 

@@ -197,3 +197,21 @@ def test_a_plugin_task_on_classification_batches_gets_the_classifier_head():
     out = build(cfg)(jnp.asarray(ids), token_type_ids=jnp.asarray(types),
                      attention_mask=jnp.asarray(mask))
     assert out.shape == (8, 3)
+
+
+def test_mean_pooling_reads_the_mean_of_the_real_tokens():
+    """`model.pooling: mean`: the pooler reads the mean hidden state over the non-padding tokens
+    (numpy here), so padded positions change nothing and the [CLS] state alone is not it."""
+    model = build(tiny("task.name=classification", "task.num_labels=3", "model.pooling=mean"))
+    ids, types, mask = (jnp.asarray(a) for a in _inputs())
+    kw = dict(token_type_ids=types, attention_mask=mask)
+    full = np.asarray(model.encode(ids, **kw), np.float64)
+    m = np.asarray(mask, np.float64)[:, :, None]
+    mean = (full * m).sum(1) / m.sum(1)
+    logits = np.asarray(model(ids, **kw))
+    want = np.asarray(model.classifier(model.pool(jnp.asarray(mean, jnp.float32)[:, None])))
+    np.testing.assert_allclose(logits, want, atol=2e-6, rtol=0)  # float32 sums of 16 rows
+    np.testing.assert_allclose(np.asarray(model(ids.at[::2, 12].set(5), **kw)), logits, atol=2e-6,
+                               rtol=0)
+    cls = np.asarray(model.classifier(model.pool(jnp.asarray(full, jnp.float32))))
+    assert np.abs(cls - logits).max() > 1e-4

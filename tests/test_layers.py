@@ -21,7 +21,7 @@ LAYERS = [
     ("step", "predict"),
     ("resolve", "build"),
     ("plan", "bench", "generate"),
-    ("checkpoint", "init_from", "report", "finetune"),
+    ("checkpoint", "init_from", "report", "finetune", "distill", "compress"),
     ("trainer", "hf.convert"),
     ("cli", "__init__"),
 ]

@@ -9,5 +9,5 @@ from bigjax.data.types import Data
 
 
 def build_data(cfg: Config, run_dir: str) -> Data:
-    builder = registry.data_builder(registry.task(cfg.task.name).data)
+    builder = registry.data_builder(registry.task(cfg.task.name).data_name(cfg))
     return builder.build(cfg, run_dir)

@@ -6,6 +6,7 @@ pooler + dropout + classifier). Parameter names map one to one onto Hugging Face
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,9 @@ class BertConfig(TransformerConfig):
     name: str = "bert"
     type_vocab_size: int = 2  # token types (segments A/B)
     pad_token_id: int = 0
+    # classification: what the pooler reads: the [CLS] token's hidden state (BERT) or the mean
+    # over the non-padding tokens (sentence-transformers' embedding, e.g. all-MiniLM-L6-v2)
+    pooling: Literal["cls", "mean"] = "cls"
 
 ACT = ("batch", "length", "act_embed")
 
@@ -120,7 +124,8 @@ class Bert(nnx.Module):
         original BERT's pretraining computes them), B×num_labels (classification); else hidden
         states."""
         positions = None
-        if self.head == "classification":
+        mean = self.cfg.pooling == "mean"
+        if self.head == "classification" and not mean:
             positions = jnp.zeros((input_ids_BT.shape[0], 1), jnp.int32)  # [CLS]
         elif self.head == "masked_lm":
             positions = masked_positions
@@ -130,6 +135,10 @@ class Bert(nnx.Module):
             h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(h), approximate=False))
             return (self.embed.attend(h) + self.mlm_bias[...]).astype(jnp.float32)
         if self.head == "classification":
+            if mean:  # the pooler reads the mean hidden state in [CLS]'s place
+                valid = (jnp.ones(input_ids_BT.shape, h.dtype) if attention_mask is None
+                         else attention_mask.astype(h.dtype))[:, :, None]
+                h = ((h * valid).sum(1) / jnp.maximum(valid.sum(1), 1))[:, None]
             pooled = layers.drop(self.pool(h), self.rate, rngs)
             return self.classifier(pooled).astype(jnp.float32)
         return h.astype(jnp.float32)
@@ -155,7 +164,7 @@ def flops_per_token(cfg: Config, n_params: int) -> float:
     matmul = float(n_params - (m.vocab_size + m.max_seq_len) * m.d_model)
     attention = 12.0 * m.n_layers * T * m.n_heads * head_dim
     share = {"masked_lm": num_predictions(T, getattr(cfg.task, "mlm_probability", 0.15)) / T,
-             "classification": 1 / T}.get(kind, 1.0)
+             "classification": 1 / T if m.pooling == "cls" else 1.0}.get(kind, 1.0)
     last = 2 * m.d_model * m.n_heads * head_dim + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
     matmul -= (1 - share) * last
     # the head's d x d dense (pooler, or masked-LM transform) runs at those positions only; a bare
