@@ -285,9 +285,10 @@ def _compress(args) -> int:
 
     from bigjax import compress
     from bigjax.errors import CheckpointError
+    from bigjax.paths import run_path, write_text
     from bigjax.trainer import Trainer
     src, out = args.run_dir, args.int8
-    if os.path.exists(out):
+    if run_path(out).exists():
         raise CheckpointError(f"'{out}' already exists; compress into a new directory")
     if compress.is_compressed(src):
         raise CheckpointError(f"'{src}' is already an int8-compressed run")
@@ -302,9 +303,8 @@ def _compress(args) -> int:
                                      jax.device_get(state.model_state))
     after = Trainer.from_run(out, ["train.eval_batches=0"]).evaluate()
     report.update(source_checkpoint_bytes=compress.dir_size(
-        os.path.join(src, "checkpoints", str(step))), metrics_before=before, metrics_after=after)
-    with open(os.path.join(out, compress.MARKER), "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=1)
+        run_path(src) / "checkpoints" / str(step)), metrics_before=before, metrics_after=after)
+    write_text(run_path(out) / compress.MARKER, json.dumps(report, indent=1))
     mb = lambda n: f"{n / 1e6:.2f} MB"
     print(f"wrote {out}: {report['quantized_kernels']} linear kernels ({report['quantized_params']:,} "
           f"of {report['params']:,} parameters) as int8, float32 scales per output channel", flush=True)

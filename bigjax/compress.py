@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 from typing import Any
 
 import jax
@@ -32,6 +30,7 @@ from bigjax.errors import CheckpointError
 from bigjax.mesh import path_str
 from bigjax.models import create_model
 from bigjax.models.layers import Dense
+from bigjax.paths import PathLike, copy_tree, run_path, run_str
 from bigjax.state import TrainState
 from bigjax.step import jit_eval_step, make_eval_step, with_activation_sharding
 
@@ -92,8 +91,8 @@ def compress_params(cfg: Config, params: Any) -> tuple[dict[str, np.ndarray], in
     return tensors, len(kernels)
 
 
-def is_compressed(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, MARKER))
+def is_compressed(run_dir: PathLike) -> bool:
+    return (run_path(run_dir) / MARKER).is_file()
 
 
 def int8_components(parts: Components) -> Components:
@@ -132,13 +131,13 @@ def int8_components(parts: Components) -> Components:
                                param_view=view)
 
 
-def load_state(run_dir: str, parts: Components) -> TrainState:
+def load_state(run_dir: PathLike, parts: Components) -> TrainState:
     """A compressed run's arrays, each put straight into its shards (`parts` from
     `int8_components`)."""
-    from safetensors.numpy import load_file
-    tensors = load_file(os.path.join(run_dir, WEIGHTS))
-    with open(os.path.join(run_dir, MARKER), encoding="utf-8") as fh:
-        step = json.load(fh)["step"]
+    from safetensors.numpy import load
+    run = run_path(run_dir)
+    tensors = load((run / WEIGHTS).read_bytes())
+    step = json.loads((run / MARKER).read_text(encoding="utf-8"))["step"]
 
     def put(path_tuple, sharding):
         path = path_str(path_tuple)
@@ -159,35 +158,43 @@ def load_state(run_dir: str, parts: Components) -> TrainState:
                       model_state=model_state)
 
 
-def dir_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+def dir_size(path: PathLike) -> int:
+    """Bytes of the files under `path` (epath has no recursive glob on object stores)."""
+    return sum(dir_size(f) if f.is_dir() else f.stat().length for f in run_path(path).iterdir())
 
 
-def write_int8_run(src: str, out: str, cfg: Config, step: int, params: Any,
+def write_int8_run(src: PathLike, out: PathLike, cfg: Config, step: int, params: Any,
                    model_state: Any) -> dict[str, Any]:
-    """Write OUT (atomically: a temporary dir renamed at the end) and return its report."""
-    from safetensors.numpy import save_file
+    """Write OUT (its files into a temporary dir, moved in once all are written) and return its
+    report."""
+    from safetensors.numpy import save
     tensors, n_kernels = compress_params(cfg, params)
     for path, x in _flat(model_state).items():
         tensors[f"model_state/{path}"] = np.asarray(x)
-    tmp = out.rstrip("/") + ".tmp-compress"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_file(tensors, os.path.join(tmp, WEIGHTS))
-    save_config(updated(cfg, {"run.dir": os.path.abspath(out)}), os.path.join(tmp, "config.yaml"))
+    src_dir, out_dir = run_path(src), run_path(out)
+    tmp = out_dir.parent / (out_dir.name + ".tmp-compress")  # what a killed compress left is redone
+    tmp.rmtree(missing_ok=True)
+    tmp.mkdir(parents=True)
+    weights = save(tensors)
+    (tmp / WEIGHTS).write_bytes(weights)
+    save_config(updated(cfg, {"run.dir": run_str(out)}), tmp / "config.yaml")
     for name in ("tokenizer", "labels.json"):
-        p = os.path.join(src, name)
-        if os.path.isdir(p):
-            shutil.copytree(p, os.path.join(tmp, name))
-        elif os.path.isfile(p):
-            shutil.copy(p, os.path.join(tmp, name))
+        p = src_dir / name
+        if p.is_dir():
+            copy_tree(p, tmp / name)
+        elif p.is_file():
+            (tmp / name).write_bytes(p.read_bytes())
     n_params = sum(int(np.size(x)) for x in jax.tree.leaves(params))
-    report = {"format": FORMAT, "source": os.path.abspath(src), "step": step,
+    report = {"format": FORMAT, "source": run_str(src), "step": step,
               "quantized_kernels": n_kernels,
               "quantized_params": int(sum(t.size for k, t in tensors.items() if k.startswith("int8/"))),
               "params": n_params, "float32_params_bytes": 4 * n_params,
-              "weights_bytes": os.path.getsize(os.path.join(tmp, WEIGHTS))}
-    with open(os.path.join(tmp, MARKER), "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=1)
-    os.replace(tmp, out)
+              "weights_bytes": len(weights)}
+    (tmp / MARKER).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():  # the marker last: a run dir without it is no compressed run
+        if f.name != MARKER:
+            f.replace(out_dir / f.name)
+    (tmp / MARKER).replace(out_dir / MARKER)
+    tmp.rmtree()
     return report

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,6 +28,7 @@ from flax import nnx
 from bigjax import registry
 from bigjax.config import Config, TaskConfig, derived, load_config
 from bigjax.errors import ConfigError
+from bigjax.paths import run_path, run_str
 from bigjax.tasks import (class_counts, finalize_token_stats, macro_f1, register_task,
                           token_stats)
 
@@ -163,8 +163,8 @@ class Teacher:
 
 
 def _labels_of_hf(hf_dir: str) -> list[str] | None:
-    with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as fh:
-        id2label = json.load(fh).get("id2label") or {}
+    id2label = json.loads((run_path(hf_dir) / "config.json").read_text(encoding="utf-8")).get(
+        "id2label") or {}
     return [str(id2label[k]) for k in sorted(id2label, key=int)] or None
 
 
@@ -176,18 +176,18 @@ def read_teacher(cfg: Config) -> Teacher:
     if source.startswith("hf:"):
         from bigjax.hf import model_config_for
         hf_dir = source[3:]
-        if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        if not (run_path(hf_dir) / "config.json").is_file():
             raise ConfigError(f"task.teacher={source}: no config.json in '{hf_dir}' (expected a "
                               "Hugging Face model dir)")
         t_cfg = model_config_for(hf_dir)
         labels, tok_dir = _labels_of_hf(hf_dir), hf_dir
     else:
-        path = os.path.join(source, "config.yaml")
-        if not os.path.isfile(path):
+        path = run_path(source) / "config.yaml"
+        if not path.is_file():
             raise ConfigError(f"task.teacher={source}: not a bigjax run dir (no config.yaml); "
                               "expected a run dir or hf:DIR")
         t_cfg = load_config(path, saved=True)
-        labels, tok_dir = load_label_names(source), os.path.join(source, "tokenizer")
+        labels, tok_dir = load_label_names(source), run_str(run_path(source) / "tokenizer")
         if t_cfg.task.name == "distill":  # a distilled student teaches as what it was trained for
             t_cfg = _as_objective(t_cfg)
     from bigjax.tasks import head
@@ -258,28 +258,28 @@ def _build_data(cfg: Config, run_dir: str):
     from bigjax.data.classification import save_label_names
     objective = cfg.task.objective
     data_cfg = cfg
-    own = os.path.join(run_dir, "tokenizer")
+    own = run_path(run_dir) / "tokenizer"
     try:
         teacher = read_teacher(cfg)
     except ConfigError:
-        if not os.path.isdir(own):
+        if not own.is_dir():
             raise
         # a student that has trained (eval, predict, compress): the teacher may be gone, and
         # training again would read it at its first step, with its own error
         data = registry.data_builder(_BASE[objective]).build(cfg, run_dir)
         data.sizes.setdefault("num_labels", 0)
         return data
-    if not cfg.data.tokenizer and not os.path.isdir(own) and not cfg.init.from_:
-        if not os.path.isdir(teacher.tokenizer_dir):
+    if not cfg.data.tokenizer and not own.is_dir() and not cfg.init.from_:
+        if not run_path(teacher.tokenizer_dir).is_dir():
             raise ConfigError(f"task.teacher={teacher.source}: no tokenizer at "
                               f"'{teacher.tokenizer_dir}'; set data.tokenizer")
         data_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, tokenizer=teacher.tokenizer_dir))
     data = registry.data_builder(_BASE[objective]).build(data_cfg, run_dir)
     vocab = data.tokenizer.get_vocab()
-    from bigjax.data.tokenizer import load_tokenizer
+    from bigjax.data.tokenizer import load_tokenizer, save_tokenizer
     t_vocab = load_tokenizer(teacher.tokenizer_dir).get_vocab() \
-        if os.path.isdir(teacher.tokenizer_dir) else None
+        if run_path(teacher.tokenizer_dir).is_dir() else None
     if t_vocab is not None and t_vocab != vocab:
         raise ConfigError(f"task.teacher={teacher.source}: its tokenizer ({len(t_vocab)} tokens) "
                           f"differs from the student's ({len(vocab)} tokens); the teacher must "
@@ -292,8 +292,8 @@ def _build_data(cfg: Config, run_dir: str):
                               f"[{', '.join(teacher.labels)}] differ from the data's "
                               f"[{', '.join(names)}]; the teacher must score the same classes")
     data.sizes.setdefault("num_labels", 0)  # task.num_labels is derived; an LM has none
-    if not os.path.isdir(own) and jax.process_index() == 0:  # eval/predict find the run's copy
-        data.tokenizer.save_pretrained(own)
+    if not own.is_dir() and jax.process_index() == 0:  # eval/predict find the run's copy
+        save_tokenizer(data.tokenizer, own)
     return data
 
 
