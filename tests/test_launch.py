@@ -20,7 +20,7 @@ from bigjax import mesh as mesh_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
 SCRIPTS = ["launch/local.sh", "launch/tpu_pod.sh", "launch/slurm.sbatch", "bench/gpu.sh",
-           "scripts/setup.sh", "scripts/test.sh"]
+           "scripts/main.sh", "scripts/setup.sh", "scripts/test.sh"]
 CLUSTER_VARS = [
     "BIGJAX_COORDINATOR", "BIGJAX_NUM_PROCESSES", "BIGJAX_PROCESS_ID", "BIGJAX_COORDINATOR_PORT",
     "JAX_COORDINATOR_PORT", "SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS",
