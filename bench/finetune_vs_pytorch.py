@@ -26,6 +26,11 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tests"))
+from torchvision_ref import make_transformers_importable  # noqa: E402
+
+make_transformers_importable()  # the test extra's torchvision may be a CUDA build (see there)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -20,8 +20,6 @@ assert jax.device_count() == 8, "tests need 8 simulated devices; import jax afte
 # The test extra's torchvision (the ResNet reference) is, on machines whose only offline wheel is
 # its CUDA build, unimportable next to the CPU torch, and transformers imports it when installed:
 # declare its two missing operators first (tests/torchvision_ref.py), so both import.
-try:
-    from torchvision_ref import import_torchvision  # noqa: E402
-    import_torchvision()
-except ImportError:  # torch or torchvision not installed: the tests that need them say so
-    pass
+from torchvision_ref import make_transformers_importable  # noqa: E402
+
+make_transformers_importable()

@@ -27,3 +27,13 @@ def import_torchvision():
         import_torchvision.lib = lib  # a Library undoes its definitions when collected
         import torchvision
     return torchvision
+
+
+def make_transformers_importable() -> None:
+    """transformers imports torchvision whenever it is installed: make that import work (a no-op
+    without torch or torchvision). tests/conftest.py and the benches that build PyTorch models
+    call this first."""
+    try:
+        import_torchvision()
+    except ImportError:
+        pass
