@@ -88,10 +88,10 @@ class Block(nnx.Module):
 
     def extend(self, x, positions, cache: KVCache, i, index, valid):
         """`__call__` for new tokens over layer i of a key/value cache (evaluation mode)."""
-        k_cache, v_cache = cache.layer(i)
-        a, k, v = self.attn.extend(self.attn_norm(x), positions, k_cache, v_cache, index, valid)
-        x = x + a
-        return x + self.mlp(self.mlp_norm(x)), cache.write(i, index, k, v)
+        q, k, v = self.attn.extend_qkv(self.attn_norm(x), positions)
+        cache = cache.write(i, index, k, v)  # before reading the layer's slots: in place
+        x = x + self.attn.extend_attend(q, *cache.layer(i), index, valid)
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class GPT(nnx.Module):

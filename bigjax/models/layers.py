@@ -224,27 +224,31 @@ class Attention(nnx.Module):
                             dropout=self.dropout_rate, key=key)
         return self.out(out)
 
-    def extend(self, x_BTD: jax.Array, positions_BT: jax.Array, k_cache_BSKH: jax.Array,
-               v_cache_BSKH: jax.Array, index: jax.Array, valid_BS: jax.Array
-               ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """T new tokens attending over a key/value cache (bigjax/models/kv_cache.py) in which
-        their own keys and values take slots [index, index + T). Returns the output and those
-        new keys and values, which the caller writes into the whole cache."""
+    def extend_qkv(self, x_BTD: jax.Array, positions_BT: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries, keys and values of T new tokens (positions applied), for a key/value cache
+        (bigjax/models/kv_cache.py): the caller writes the keys and values into the cache first
+        and then attends over it (`extend_attend`), so the cache is updated in place; reading a
+        layer's slots before writing them made XLA copy the whole cache at every layer."""
         q, k, v = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
         if self.rope_theta is not None:
             q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
-        k, v = k.astype(k_cache_BSKH.dtype), v.astype(v_cache_BSKH.dtype)
-        keys = jax.lax.dynamic_update_slice_in_dim(k_cache_BSKH, k, index, axis=1)
-        values = jax.lax.dynamic_update_slice_in_dim(v_cache_BSKH, v, index, axis=1)
-        T = x_BTD.shape[1]
+        return q, k, v
+
+    def extend_attend(self, q_BTNH: jax.Array, keys_BSKH: jax.Array, values_BSKH: jax.Array,
+                      index: jax.Array, valid_BS: jax.Array) -> jax.Array:
+        """The new tokens' queries (slots [index, index + T)) attending over the cache's keys and
+        values, which already hold theirs."""
+        T = q_BTNH.shape[1]
         mask = AttentionMask(causal=True, valid=valid_BS,
                              query_index=index + jnp.arange(T, dtype=jnp.int32)[None])
         # one query per row (a decoding step) is a B×N×S dot: the plain computation; fused
         # kernels take no causal mask on gathered queries, so a prefill gets auto's pick
         impl = ("xla" if T == 1 else
                 self.implementation if self.implementation in ("xla", "chunked") else "auto")
-        out = dot_attention(q.astype(keys.dtype), keys, values, mask, implementation=impl)
-        return self.out(out), k, v
+        out = dot_attention(q_BTNH.astype(keys_BSKH.dtype), keys_BSKH, values_BSKH, mask,
+                            implementation=impl)
+        return self.out(out)
 
 
 class MLP(nnx.Module):
