@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from bigjax.errors import ConfigError
 from bigjax.models.axes import param
 
 
@@ -49,3 +50,17 @@ class BatchNorm(nnx.Module):
             mean, var = self.mean[...], self.var[...]
         y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(x.dtype)
+
+
+def check_image_model(name: str, model, task) -> None:
+    """The checks an image classifier with BatchNorm shares (`cnn`, `resnet`): BatchNorm's
+    momentum and epsilon, the compute dtype, a task with labels. ConfigError, one line."""
+    if not 0 <= model.bn_momentum < 1:
+        raise ConfigError(f"model.bn_momentum must be in [0, 1), got {model.bn_momentum}")
+    if model.bn_eps <= 0:
+        raise ConfigError(f"model.bn_eps must be positive, got {model.bn_eps}")
+    if model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype: got {model.dtype!r}, expected 'float32' or 'bfloat16'")
+    if not hasattr(task, "num_labels"):
+        raise ConfigError(f"model.name={name} needs a task with num_labels "
+                          f"(image_classification), got task.name={task.name}")

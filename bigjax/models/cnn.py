@@ -15,7 +15,7 @@ from bigjax.config import Config, ModelConfig, derived
 from bigjax.errors import ConfigError
 from bigjax.models import layers
 from bigjax.models.axes import constrain, param
-from bigjax.models.batchnorm import BatchNorm
+from bigjax.models.batchnorm import BatchNorm, check_image_model
 from bigjax.registry import register_model
 
 KERNEL = 3
@@ -44,15 +44,7 @@ class CNNConfig(ModelConfig):
                               f"got {self.channels}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if not 0 <= self.bn_momentum < 1:
-            raise ConfigError(f"model.bn_momentum must be in [0, 1), got {self.bn_momentum}")
-        if self.bn_eps <= 0:
-            raise ConfigError(f"model.bn_eps must be positive, got {self.bn_eps}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"model.dtype: got {self.dtype!r}, expected 'float32' or 'bfloat16'")
-        if not hasattr(cfg.task, "num_labels"):
-            raise ConfigError(f"model.name=cnn needs a task with num_labels (image_classification), "
-                              f"got task.name={cfg.task.name}")
+        check_image_model("cnn", self, cfg.task)
 
 
 class Conv(nnx.Module):

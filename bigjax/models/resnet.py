@@ -22,7 +22,7 @@ from bigjax.config import Config, ModelConfig, derived
 from bigjax.errors import ConfigError
 from bigjax.models import layers
 from bigjax.models.axes import constrain, param
-from bigjax.models.batchnorm import BatchNorm
+from bigjax.models.batchnorm import BatchNorm, check_image_model
 from bigjax.registry import register_model
 
 ACT = ("batch", None, None, None)
@@ -57,15 +57,7 @@ class ResNetConfig(ModelConfig):
                               f"got {self.blocks}")
         if self.width < 1:
             raise ConfigError(f"model.width must be positive, got {self.width}")
-        if not 0 <= self.bn_momentum < 1:
-            raise ConfigError(f"model.bn_momentum must be in [0, 1), got {self.bn_momentum}")
-        if self.bn_eps <= 0:
-            raise ConfigError(f"model.bn_eps must be positive, got {self.bn_eps}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"model.dtype: got {self.dtype!r}, expected 'float32' or 'bfloat16'")
-        if not hasattr(cfg.task, "num_labels"):
-            raise ConfigError(f"model.name=resnet needs a task with num_labels "
-                              f"(image_classification), got task.name={cfg.task.name}")
+        check_image_model("resnet", self, cfg.task)
 
 
 def plan(cfg: ResNetConfig) -> tuple[str, list[tuple[int, int, int]]]:
