@@ -23,7 +23,6 @@ import jax
 
 from bigjax.config import DistributedConfig
 from bigjax.errors import BigjaxError, first_line
-from bigjax.paths import private_path  # noqa: F401  (where write-then-rename callers found it)
 
 DEFAULT_PORT = 8476  # coordinator port when a cluster gives a host but no port
 AUTO = "auto"  # distributed.coordinator value: let JAX detect the cluster (TPU pod VMs)

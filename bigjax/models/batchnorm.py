@@ -64,3 +64,13 @@ def check_image_model(name: str, model, task) -> None:
     if not hasattr(task, "num_labels"):
         raise ConfigError(f"model.name={name} needs a task with num_labels "
                           f"(image_classification), got task.name={task.name}")
+
+
+def check_image_input(model, num_labels: int, family: str) -> None:
+    """At build time: the image shape (from the data) and a class count a classifier can have."""
+    if min(model.image_height, model.image_width, model.image_channels) < 1:
+        raise ConfigError("model.image_height/image_width/image_channels are 0: they come from "
+                          "the data (an images task), or set them")
+    if num_labels < 2:
+        raise ConfigError(f"task.num_labels must be at least 2 for a {family} classifier, "
+                          f"got {num_labels}")

@@ -15,7 +15,7 @@ from bigjax.config import Config, ModelConfig, derived
 from bigjax.errors import ConfigError
 from bigjax.models import layers
 from bigjax.models.axes import constrain, param
-from bigjax.models.batchnorm import BatchNorm, check_image_model
+from bigjax.models.batchnorm import BatchNorm, check_image_input, check_image_model
 from bigjax.registry import register_model
 
 KERNEL = 3
@@ -75,12 +75,7 @@ def _pool_sizes(cfg: CNNConfig) -> list[tuple[int, int, bool]]:
 
 class CNN(nnx.Module):
     def __init__(self, cfg: CNNConfig, num_labels: int, rngs: nnx.Rngs):
-        if min(cfg.image_height, cfg.image_width, cfg.image_channels) < 1:
-            raise ConfigError("model.image_height/image_width/image_channels are 0: they come from "
-                              "the data (an images task), or set them")
-        if num_labels < 2:
-            raise ConfigError(f"task.num_labels must be at least 2 for a CNN classifier, "
-                              f"got {num_labels}")
+        check_image_input(cfg, num_labels, "CNN")
         dtype = jnp.dtype(cfg.dtype)
         self.cfg, self.pools = cfg, [p for _, _, p in _pool_sizes(cfg)]
         c_in = cfg.image_channels

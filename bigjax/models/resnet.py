@@ -22,7 +22,7 @@ from bigjax.config import Config, ModelConfig, derived
 from bigjax.errors import ConfigError
 from bigjax.models import layers
 from bigjax.models.axes import constrain, param
-from bigjax.models.batchnorm import BatchNorm, check_image_model
+from bigjax.models.batchnorm import BatchNorm, check_image_input, check_image_model
 from bigjax.registry import register_model
 
 ACT = ("batch", None, None, None)
@@ -120,12 +120,7 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 
 class ResNet(nnx.Module):
     def __init__(self, cfg: ResNetConfig, num_labels: int, rngs: nnx.Rngs):
-        if min(cfg.image_height, cfg.image_width, cfg.image_channels) < 1:
-            raise ConfigError("model.image_height/image_width/image_channels are 0: they come from "
-                              "the data (an images task), or set them")
-        if num_labels < 2:
-            raise ConfigError(f"task.num_labels must be at least 2 for a ResNet classifier, "
-                              f"got {num_labels}")
+        check_image_input(cfg, num_labels, "ResNet")
         dtype = jnp.dtype(cfg.dtype)
         bn = dict(momentum=cfg.bn_momentum, eps=cfg.bn_eps, axis_name="conv_out",
                   unbiased_running_var=cfg.bn_unbiased_var)
