@@ -257,3 +257,22 @@ def test_a_finished_run_evaluates_after_its_hf_source_is_gone(tmp_path):
         f"run.dir={run}"])).train()
     shutil.rmtree(src)
     assert Trainer.from_run(run).evaluate() == final
+
+
+def test_mean_pooled_classifier_is_refused_on_export(tmp_path, monkeypatch):
+    """BertForSequenceClassification reads [CLS]: exporting a mean-pooled classifier would load
+    in transformers and silently compute other logits, so it is refused before anything is
+    written (the run itself is stubbed: the check needs only its config)."""
+    from bigjax.errors import ConfigError
+    from bigjax.hf import convert
+    cfg = load_config(None, ["model.name=bert", "task.name=classification",
+                             "task.num_labels=3", "model.pooling=mean"])
+    monkeypatch.setattr(convert, "run_params", lambda run_dir: (cfg, {}))
+    out = tmp_path / "out"
+    for adapter in (False, True):
+        with pytest.raises(ConfigError, match=r"^'RUN' classifies with model.pooling=mean, which "
+                                              r"Hugging Face's BertForSequenceClassification "
+                                              r"cannot express \(it reads \[CLS\]\); only "
+                                              r"model.pooling=cls runs export$"):
+            convert.bigjax_to_hf("RUN", out, adapter=adapter)
+    assert not out.exists()

@@ -14,7 +14,7 @@ from bigjax import finetune
 from bigjax.build import one_device
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings
 from bigjax.config import CheckpointConfig, Config, load_config, save_config, to_dict, updated
-from bigjax.errors import CheckpointError
+from bigjax.errors import CheckpointError, ConfigError
 from bigjax.hf import WEIGHTS, load_params, model_config_for, peft, save_params
 from bigjax.models.lora import merge
 from bigjax.paths import PathLike, run_path, run_str
@@ -101,6 +101,11 @@ def bigjax_to_hf(run_dir: PathLike, out: PathLike, adapter: bool = False) -> Con
             raise CheckpointError(f"'{out_dir / name}' already exists; export into a new "
                                   "directory")
     cfg, params = run_params(run_dir)
+    if cfg.model.name == "bert" and head(cfg) == "classification" and cfg.model.pooling == "mean":
+        # BertForSequenceClassification pools [CLS]: an export would load but compute other logits
+        raise ConfigError(f"'{run_dir}' classifies with model.pooling=mean, which Hugging Face's "
+                          "BertForSequenceClassification cannot express (it reads [CLS]); only "
+                          "model.pooling=cls runs export")
     if adapter and not finetune.is_lora(cfg):
         raise CheckpointError(f"--adapter: '{run_dir}' is not a LoRA run (finetune.lora.rank is "
                               f"0); export its whole weights without --adapter")
