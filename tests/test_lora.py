@@ -168,9 +168,11 @@ def test_bad_lora_config_is_one_line(overrides, message):
                                       "finetune.lora.rank=2", *overrides]))
 
 
-def test_gpt2_fused_attention_adapters_load_in_peft(tmp_path):
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan_layers"])
+def test_gpt2_fused_attention_adapters_load_in_peft(tmp_path, scan):
     """GPT-2 fuses query, key and value in one Conv1D (c_attn): their three adapters go out as
-    one of rank 3r (rank_pattern), which must give the same logits as bigjax's."""
+    one of rank 3r (rank_pattern), which must give the same logits as bigjax's. With
+    model.scan_layers the stacked adapters go out one HF module per layer."""
     import peft
 
     from bigjax.hf.peft import save_adapter
@@ -180,7 +182,8 @@ def test_gpt2_fused_attention_adapters_load_in_peft(tmp_path):
         vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)).save_pretrained(base)
     cfg = updated(hf.model_config_for(base), {
         "init.from": f"hf:{base}", "finetune.lora.rank": 2, "finetune.lora.alpha": 6.0,
-        "finetune.lora.targets": ["attn/(query|key|value)/kernel$", "mlp/up/kernel$"]})
+        "finetune.lora.targets": ["attn/(query|key|value)/kernel$", "mlp/up/kernel$"],
+        "model.scan_layers": scan})
     spec = model_spec(cfg)
     rng = np.random.default_rng(0)
     loaded = flat_paths(hf.load_params(base, cfg))

@@ -43,9 +43,9 @@ def adapter_tensors(params: dict, merged: dict, cfg: Config, saved: list[str],
                     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """(safetensors dict, adapter_config.json dict). `params`: the run's unmerged tree (numpy);
     `merged`: the same with the adapters folded in; `saved`: paths trained in full besides them."""
-    if getattr(cfg.model, "scan_layers", False):
-        raise CheckpointError("--adapter export of a model.scan_layers run is not supported; "
-                              "export merged weights (without --adapter)")
+    if getattr(cfg.model, "scan_layers", False):  # one HF module per layer, as for the kernels
+        from bigjax.models.gpt import unstack_layers
+        params = unstack_layers(params)
     lora = cfg.finetune.lora
     flat = _flat(params)
     family = names.family_of(cfg)
