@@ -33,7 +33,7 @@ from bigjax.errors import ConfigError
 from bigjax.mesh import MESH_AXES
 from bigjax.models import attention
 from bigjax.models.lm_head import chunk_size
-from bigjax.optim import make_optimizer
+from bigjax.optim import make_optimizer, param_rules, subtree
 from bigjax.state import TrainState, count_params, model_spec, state_shardings
 from bigjax.tasks import num_predictions
 
@@ -259,7 +259,10 @@ class Planner:
             # gradient that it then joins (models/lm_head.py), sharded like the weight
             act += params * m.vocab_size * m.d_model / max(self.n_params, 1)
         model_state = bytes_per_device(abstract.model_state, sh.model_state)
-        return Memory(params + model_state, params * copies, opt, act)
+        # the step differentiates the trainable subtree only (frozen rules, LoRA's base)
+        trainable = param_rules(cfg, abstract.params).trainable
+        grads = bytes_per_device(subtree(abstract.params, trainable), subtree(sh.params, trainable))
+        return Memory(params + model_state, grads * copies, opt, act)
 
 
 def mesh_for(cfg: Config, n_devices: int) -> dict[str, int]:

@@ -98,6 +98,19 @@ def test_smallest_mesh_grows_with_the_model():
     assert big.smallest_mesh["total_bytes"] <= 0.9 * 16 * 2 ** 30
 
 
+def test_frozen_parameters_have_no_gradient_or_optimizer_state():
+    """The step differentiates the trainable subtree only: freezing the token table (V x d, float32)
+    takes exactly its bytes off the gradients and its two Adam moments off the optimizer state."""
+    base = ["model.vocab_size=4096", "model.d_model=64", "mesh.data=1"]
+    full = make_plan(load_config("configs/gpt_tiny.yaml", base), 1, "cpu").memory_bytes_per_device
+    frozen = make_plan(load_config("configs/gpt_tiny.yaml", base + [
+        "optimizer.frozen=[embed/embedding$]"]), 1, "cpu").memory_bytes_per_device
+    table = 4096 * 64 * 4
+    assert full["grads"] - frozen["grads"] == table
+    assert full["opt_state"] - frozen["opt_state"] == 2 * table
+    assert full["params"] == frozen["params"]
+
+
 PLAN = ["plan", "configs/gpt_tiny.yaml", "model.vocab_size=4096", "--devices", "8",
         "--device-type", "h100"]
 BENCH = ["bench", "configs/gpt_tiny.yaml", "model.vocab_size=4096"]
