@@ -392,9 +392,11 @@ def compiled_memory(compiled) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def compile_memory_here(cfg: Config, devices: int) -> dict[str, float]:
+def compile_memory_here(cfg: Config, devices: int, memory_aware: bool = True
+                        ) -> dict[str, float]:
     """The train step compiled on abstract inputs for the first `devices` local devices (nothing
-    is initialised or run), under a memory-aware schedule: XLA's per-device memory analysis."""
+    is initialised or run), under a memory-aware schedule unless told otherwise (XLA:CPU's
+    default is what a CPU run gets): XLA's per-device memory analysis."""
     from bigjax.build import build
     from bigjax.mesh import make_mesh
     have = jax.local_devices()
@@ -407,7 +409,8 @@ def compile_memory_here(cfg: Config, devices: int) -> dict[str, float]:
                          parts.abstract, parts.shardings)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=parts.batch_sharding)
              for k, v in random_batch(cfg).items()}
-    return compiled_memory(parts.train_step.lower(state, batch).compile(memory_aware_options()))
+    options = memory_aware_options() if memory_aware else {}
+    return compiled_memory(parts.train_step.lower(state, batch).compile(options))
 
 
 def fmt_bytes(x: float) -> str:

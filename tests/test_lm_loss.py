@@ -12,12 +12,12 @@ import pytest
 from flax import nnx
 
 from bigjax.build import build, one_device
-from bigjax.checkpoint import abstract_with_shardings
 from bigjax.config import load_config
 from bigjax.errors import ConfigError
 from bigjax.mesh import make_mesh
 from bigjax.models import create_model
 from bigjax.models.lm_head import chunk_size
+from bigjax.plan import compile_memory_here
 from bigjax.tasks import CausalLM
 from spine import random_batches, tiny_config
 
@@ -142,14 +142,7 @@ def test_chunked_train_step_on_a_2x2x2_mesh_equals_full_logits_on_one_device(hea
 
 
 def _step_temp_bytes(cfg) -> int:
-    parts = one_device(cfg)
-    B, T = cfg.train.batch_size, cfg.train.seq_len
-    tokens = jax.ShapeDtypeStruct((B, T), np.int32, sharding=parts.batch_sharding)
-    batch = {"inputs": tokens, "targets": tokens,
-             "weights": jax.ShapeDtypeStruct((B, T), np.float32, sharding=parts.batch_sharding)}
-    compiled = parts.train_step.lower(abstract_with_shardings(parts.abstract, parts.shardings),
-                                      batch).compile()
-    return compiled.memory_analysis().temp_size_in_bytes
+    return int(compile_memory_here(cfg, 1, memory_aware=False)["temp"])
 
 
 def test_chunked_step_needs_less_temporary_memory_than_one_logits_array_at_32k_vocab():
