@@ -93,6 +93,9 @@ def test_documents_tokenized_in_chunks_equal_one_call_each_and_resume_mid_chunk(
             break
     texts = list(stream.Documents(shards, src.reading, seed=1, shuffle=True, epochs=2))
     assert docs == [CharTok()(t)["input_ids"] + [CharTok.eos_token_id] for t in texts]
+    # a bad record (None) stays in place, a prepared document (ids) gets its end token only
+    many = src.tokenize.many(["ab", None, np.array([7, 8], np.int32)])
+    assert [None if m is None else m.tolist() for m in many] == [[99, 100, 1], None, [7, 8, 1]]
     for k in range(0, len(docs), 5):
         again = iter(ds)
         again.set_state(states[k])
