@@ -1,12 +1,14 @@
 """Streaming LM data at two corpus sizes: is memory and start-up flat in corpus size, and does the
 loader outrun the train step?
 
-    .venv/bin/python bench/corpus_bench.py                       # 10 MB and 2 GB, gpt_tiny
+    .venv/bin/python bench/corpus_bench.py --dir /data/cache --repeat 2   # 10 MB and 2 GB
     .venv/bin/python bench/corpus_bench.py --large-mb 200        # what fits a shared machine
     .venv/bin/python bench/corpus_bench.py --large-mb 20 --steps 5 --seconds 2   # a smoke run
 
 Writes deterministic synthetic corpora (JSONL files of `--file-mb` each, documents of seeded
-word salad drawn from a Zipf-like vocabulary) under `--dir`, trains one tokenizer on a sample of
+word salad drawn from a Zipf-like vocabulary; every CPU writes files, ~2 min for 2 GB on 2 cores)
+under `--dir`, reused by later runs (`--dir` is the cache; delete it when done), trains one
+tokenizer on a sample of
 the small one (shared, so the rows differ only in the data path), then for each corpus runs
 `configs/gpt_tiny.yaml` in a fresh process: data.stream=true for both sizes, and the in-memory
 path for the small one. Per row: the training process's peak RSS (grain workers not included;
@@ -15,8 +17,8 @@ their peak is its own column), seconds from process start to the end of the firs
 and the streaming loader's tokens/s with data.workers=1 (steady state, measured after training in
 the same process). `--repeat 2` runs the rows in two alternating rounds (on a busy machine:
 quote medians). Goals (issue 10): peak RSS and first step at the large size within 1.25x of
-the small one; loader >= 10x the step. `--prepare-only`: the tokens/s of `bigjax data prepare`
-(one process) on the small corpus.
+the small one; loader >= 10x the step. Last, the tokens/s of `bigjax data prepare` (one process)
+on the small corpus (`--prepare-only`: that row alone).
 """
 
 from __future__ import annotations
@@ -33,28 +35,52 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "gpt_tiny.yaml")
 
 
-def write_corpus(root: str, total_mb: int, file_mb: float, seed: int = 0) -> str:
-    """JSONL files of ~file_mb each until total_mb; the same bytes for the same arguments."""
+VOCAB = 20_000  # synthetic words w0..w19999, drawn Zipf-like (p ~ 1/rank)
+
+
+def _write_file(job: tuple) -> None:
+    """One JSONL file of ~`file_mb` MB: its bytes depend only on (seed, index, file_mb), so a
+    corpus is the same whichever process writes which file."""
     import numpy as np
+
+    path, seed, index, file_mb = job
+    rng = np.random.default_rng([seed, index])
+    words = np.array([f"w{i}" for i in range(VOCAB)])
+    cdf = np.cumsum(1.0 / np.arange(1, VOCAB + 1))
+    cdf /= cdf[-1]
+    target = int(file_mb * 1e6)
+    # ~5 bytes per word with its space: documents of 50..800 words to spare, cut at target
+    lengths = rng.integers(50, 800, size=max(4, int(target / 5 / 425 * 1.5) + 4))
+    ids = np.minimum(np.searchsorted(cdf, rng.random(int(lengths.sum()))), VOCAB - 1)
+    drawn = words[ids].tolist()
+    lines, size, start = [], 0, 0
+    for n in lengths.tolist():  # plain words: the JSON needs no escaping
+        line = '{"text": "' + " ".join(drawn[start:start + n]) + '"}\n'
+        start += n
+        lines.append(line)
+        size += len(line)
+        if size >= target:
+            break
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(lines)
+    os.replace(tmp, path)
+
+
+def write_corpus(root: str, total_mb: int, file_mb: float, seed: int = 0) -> str:
+    """JSONL files of ~file_mb each until total_mb, written by all CPUs; the same bytes for the
+    same arguments. Reused when `root` holds a finished one (its `.complete` marker)."""
+    from multiprocessing import Pool
 
     done = os.path.join(root, ".complete")
     if os.path.exists(done):
         return root
     os.makedirs(root, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    words = np.array([f"w{i}" for i in range(20000)])
-    p = 1.0 / np.arange(1, 20001)
-    p /= p.sum()
     n_files = max(1, int(round(total_mb / file_mb)))
-    for f in range(n_files):
-        lines, size = [], 0
-        while size < file_mb * 1e6:
-            ids = rng.choice(20000, size=int(rng.integers(50, 800)), p=p)
-            line = json.dumps({"text": " ".join(words[ids])}) + "\n"
-            lines.append(line)
-            size += len(line)
-        with open(os.path.join(root, f"part{f:05d}.jsonl"), "w") as fh:
-            fh.writelines(lines)
+    jobs = [(os.path.join(root, f"part{f:05d}.jsonl"), seed, f, file_mb) for f in range(n_files)]
+    with Pool(os.cpu_count()) as pool:
+        for _ in pool.imap_unordered(_write_file, jobs, chunksize=8):
+            pass
     open(done, "w").close()
     return root
 
@@ -132,8 +158,9 @@ def main() -> None:
         return child(args)
 
     t0 = time.time()
-    small = write_corpus(os.path.join(args.dir, f"{args.small_mb}mb"), args.small_mb, args.file_mb)
-    large = write_corpus(os.path.join(args.dir, f"{args.large_mb}mb"), args.large_mb, args.file_mb)
+    name = lambda mb: os.path.join(args.dir, f"{mb}mb-files{args.file_mb:g}mb-v2")
+    small = write_corpus(name(args.small_mb), args.small_mb, args.file_mb)
+    large = write_corpus(name(args.large_mb), args.large_mb, args.file_mb)
     print(f"corpora ready in {time.time() - t0:.0f} s", flush=True)
     tokenizer = os.path.join(args.dir, "tokenizer")
     if not os.path.isdir(tokenizer):
@@ -166,6 +193,7 @@ def main() -> None:
         print(f"| {path} | {mb} MB | {r['peak_rss_mb']:.0f} | {r['worker_peak_rss_mb']:.0f} | "
               f"{r['first_step_s']:.1f} | {r['step_tok_s']:.0f} | {r['loader_tok_s']:.0f} | "
               f"{ratio:.1f} |", flush=True)
+    prepare_row(args, small, tokenizer)
 
 
 def prepare_row(args, corpus: str, tokenizer: str) -> None:
@@ -178,6 +206,7 @@ def prepare_row(args, corpus: str, tokenizer: str) -> None:
     shutil.rmtree(out, ignore_errors=True)
     cfg = load_config(CONFIG, [f"data.source={corpus}/*.jsonl", f"data.tokenizer={tokenizer}"])
     done = prepare(cfg, out)
+    print("\n| step | corpus | shards | tokens | seconds | throughput |\n|---|---|---|---|---|---|")
     print(f"| data prepare | {args.small_mb} MB | {done['written']} shards | "
           f"{done['tokens']} tokens | {done['seconds']:.1f} s | "
           f"{done['tokens'] / done['seconds']:.0f} tokens/s per process |", flush=True)

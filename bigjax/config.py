@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from bigjax.errors import ConfigError, first_line
-from bigjax.paths import run_dir_problem, run_path, write_text
+from bigjax.paths import REMOTE_SCHEMES, run_dir_problem, run_path, write_text
 
 
 @dataclass(frozen=True)
@@ -556,9 +556,13 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError(f"data.pixel_std must be positive, got {d.pixel_std}")
     scheme = d.source.split(":", 1)[0] if ":" in d.source else ""
     # a one-letter scheme is a Windows drive, one with "/" a path with a colon in it
-    if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds", "sklearn"):
+    # gs:// and s3:// name a prepared dir (`bigjax data prepare --out URI`); data/sources.py
+    # says so when such a URI holds no manifest
+    if len(scheme) > 1 and "/" not in scheme and scheme not in ("builtin", "tfds", "sklearn",
+                                                                  *REMOTE_SCHEMES):
         raise ConfigError(f"data.source '{d.source}': unknown scheme (expected builtin:pydocs, "
-                          "tfds:NAME[/CONFIG], sklearn:digits or a file path/glob)")
+                          "tfds:NAME[/CONFIG], sklearn:digits, a file path/glob or a prepared "
+                          "dir's gs:// or s3:// URI)")
 
 
 def init_run_dir(source: str) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import tempfile
 from typing import Iterator, Union
@@ -135,3 +136,50 @@ def local_staging(final: PathLike) -> str:
     staging = tempfile.mkdtemp(prefix=".staging-", dir=parent)
     os.chmod(staging, 0o755)  # mkdtemp's 0700 would stay on the published dir: others read it
     return staging
+
+
+def file_size(path: PathLike) -> int:
+    """Bytes of a file, local or on object storage."""
+    if not is_remote(path):
+        return os.path.getsize(os.fspath(run_path(path)))
+    return int(epath.Path(path).stat().length)
+
+
+@contextlib.contextmanager
+def local_file(path: PathLike) -> Iterator[str]:
+    """A local file holding what `path` holds, for readers that only open local files (ArrayRecord):
+    `path` itself when local, else a temporary download (streamed, removed on exit)."""
+    if not is_remote(path):
+        yield os.fspath(run_path(path))
+        return
+    fd, tmp = tempfile.mkstemp(prefix="bigjax-shard-")
+    try:
+        with os.fdopen(fd, "wb") as out, epath.Path(path).open("rb") as src:
+            shutil.copyfileobj(src, out, 8 << 20)
+        yield tmp
+    finally:
+        os.remove(tmp)
+
+
+def local_target(final: PathLike) -> str:
+    """A local file name to write what goes to `final` (see put_file): a hidden private sibling
+    when local (one file system, so the move is a rename), in /tmp otherwise."""
+    if is_remote(final):
+        fd, tmp = tempfile.mkstemp(prefix="bigjax-upload-")
+        os.close(fd)
+        return tmp
+    target = run_path(final)
+    return os.fspath(target.parent / ("." + os.path.basename(private_path(target))))
+
+
+def put_file(local: str, final: PathLike) -> None:
+    """Move a finished local file to `final`: a rename locally; on object storage one upload
+    (an object appears whole or not at all), then the local file is removed."""
+    if not is_remote(final):
+        os.replace(local, os.fspath(run_path(final)))
+        return
+    try:
+        with open(local, "rb") as src, epath.Path(final).open("wb") as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+    finally:
+        os.remove(local)

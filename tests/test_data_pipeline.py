@@ -55,7 +55,8 @@ def test_held_out_fraction_splits_documents_without_overlap(files, tmp_path):
     ("data.val_fraction=1", "data.val_fraction must be in [0, 1), got 1.0"),
     ("data.workers=-1", "data.workers must be 0 or more, got -1"),
     ("data.source=hf:gpt2", "data.source 'hf:gpt2': unknown scheme (expected builtin:pydocs, "
-                            "tfds:NAME[/CONFIG], sklearn:digits or a file path/glob)"),
+                            "tfds:NAME[/CONFIG], sklearn:digits, a file path/glob or a "
+                            "prepared dir's gs:// or s3:// URI)"),
     ("data.on_bad_rows=ignore", "data.on_bad_rows: got 'ignore', expected one of 'skip', 'error'"),
 ])
 def test_bad_data_config_is_one_clear_line(override, message):

@@ -54,6 +54,53 @@ def test_unshuffled_stream_equals_in_memory_windows(corpus):
             np.testing.assert_array_equal(ex[k], v, err_msg=f"window {i} {k}")
 
 
+
+def test_window_example_positions_match_the_diff_definition():
+    # window_example finds document starts without np.diff (it runs once per window); compare it
+    # with the definition it replaced on windows that start inside a document, hold one-token
+    # documents and span many documents
+    from bigjax.data.stream import window_example
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        docs = np.cumsum(rng.random(SEQ_LEN + 1) < 0.3).astype(np.int32) + 5
+        seg = docs[:-1] - docs[0]
+        idx = np.arange(SEQ_LEN, dtype=np.int32)
+        want = idx - np.maximum.accumulate(np.where(np.diff(seg, prepend=-1) != 0, idx, 0))
+        got = window_example(np.arange(SEQ_LEN + 1, dtype=np.int32), docs)
+        np.testing.assert_array_equal(got["positions"], want)
+        np.testing.assert_array_equal(got["segment_ids"], seg)
+        assert got["positions"].dtype == np.int32
+
+
+def test_documents_tokenized_in_chunks_equal_one_call_each_and_resume_mid_chunk(corpus,
+                                                                                monkeypatch):
+    # chunks of 4 cut every file (9..14 documents) mid-way: a state taken between two documents
+    # of one chunk must restore to the very next document, never skip the rest of the chunk
+    from bigjax.data import stream
+    monkeypatch.setattr(stream, "TOKENIZE_CHUNK", 4)
+    root, _ = corpus
+    src = source(root)
+    shards = [stream.Shard(f) for f in src.files]
+    ds = stream.Documents(shards, src.reading, seed=1, shuffle=True, epochs=2,
+                          tokenize=src.tokenize)
+    it = iter(ds)
+    states, docs = [], []
+    while True:
+        states.append(it.get_state())
+        try:
+            docs.append(next(it).tolist())
+        except StopIteration:
+            break
+    texts = list(stream.Documents(shards, src.reading, seed=1, shuffle=True, epochs=2))
+    assert docs == [CharTok()(t)["input_ids"] + [CharTok.eos_token_id] for t in texts]
+    # a bad record (None) stays in place, a prepared document (ids) gets its end token only
+    many = src.tokenize.many(["ab", None, np.array([7, 8], np.int32)])
+    assert [None if m is None else m.tolist() for m in many] == [[99, 100, 1], None, [7, 8, 1]]
+    for k in range(0, len(docs), 5):
+        again = iter(ds)
+        again.set_state(states[k])
+        assert [next(again).tolist() for _ in range(min(6, len(docs) - k))] == docs[k:k + 6], k
+
 def test_every_token_of_an_epoch_once_across_processes(corpus):
     root, docs = corpus
     src, count = source(root), 3

@@ -165,8 +165,8 @@ ALLOWED = {
     "data/lm.py": "reads user input files", "data/loader.py": "reads user input files",
     "data/records.py": "reads user input files", "data/sources.py": "reads user input files",
     "data/tfds_source.py": "reads user input files", "data/lm_stream.py": "reads user input files",
-    "data/prepared.py": "reads a prepared data dir (input data, on a local or mounted path)",
-    "data/prepare.py": "writes a prepared data dir (input data, on a local or mounted path)",
+    # (data/prepared.py reads a prepared dir through epath: not listed)
+    "data/prepare.py": "reads the input files (local); writes the prepared dir through epath",
     "data/image_sources.py": "reads user image folders",
     "hf/torchvision.py": "reads a user's torchvision weights file",
 }

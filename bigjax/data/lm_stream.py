@@ -21,6 +21,7 @@ from bigjax.data.prepared import is_prepared, prepared_files
 from bigjax.data.sources import files_for
 from bigjax.data.stream import Reading, Shard, Tokenize, local_pipeline, mixed_pipeline, windows
 from bigjax.errors import ConfigError, DataError
+from bigjax.paths import file_size
 
 # `data.stream: auto` streams file globs above this many bytes and tfds splits above this many
 # records; below, reading everything up front is faster and the memory it takes is small
@@ -173,7 +174,7 @@ def stream_source(cfg: Config, tokenizer: Any, files: list[str], records: int) -
     tfds = (d.source, d.split, d.dir) if d.source.startswith("tfds:") else None
     return StreamSource(Reading(d.text_field, d.on_bad_rows, tfds, is_prepared(d.source)),
                         Tokenize(tokenizer, tokenizer.eos_token_id), cfg.train.seq_len,
-                        d.shuffle_windows, files, [os.path.getsize(f) for f in files], records)
+                        d.shuffle_windows, files, [file_size(f) for f in files], records)
 
 
 def split_inputs(cfg: Config) -> tuple[list[str], list[str], int, tuple[int, int]]:
@@ -191,7 +192,7 @@ def split_inputs(cfg: Config) -> tuple[list[str], list[str], int, tuple[int, int
         return [], [], n - n_val, (n - n_val, n)
     files = prepared_files(d.source) if is_prepared(d.source) else files_for(d.source)
     for f in files:
-        if os.path.getsize(f) == 0:
+        if file_size(f) == 0:
             raise DataError(f"data.source: {f}: file is empty")
     if not hold:
         return files, [], 0, (0, 0)

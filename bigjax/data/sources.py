@@ -29,12 +29,18 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from bigjax.errors import DataError, first_line
+from bigjax.paths import is_remote
 
 FILE_KINDS = (".txt", ".md", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 def files_for(pattern: str) -> list[str]:
     """The files a glob names, sorted (so every process sees the same order)."""
+    if is_remote(pattern):  # only prepared dirs are read from object storage (bigjax.data.prepared)
+        raise DataError(f"data.source: '{pattern}' is on object storage but is no prepared dir "
+                        "(no manifest.json there); files are read from local or mounted paths: "
+                        "run `bigjax data prepare CONFIG --out URI` on local files and set "
+                        "data.source to that URI, or mount the bucket")
     files = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
     if not files:
         raise DataError(f"data.source: no files match '{pattern}' (expected a path or glob of "
