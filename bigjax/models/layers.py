@@ -7,6 +7,7 @@ evaluation), so the train step derives it from (seed, step) and resume needs no 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -88,10 +89,14 @@ class Dense(nnx.Module):
                      if use_bias else None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        n_in = len(self.in_shape)
-        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                (contract, ((), ())))
+        # one 2-D matmul (rows x inputs) @ (inputs x outputs), reshaped back: a dot_general over
+        # the (batch, length) dims made XLA:CPU transpose the activations' gradient for the
+        # kernel's gradient (the same sums, and 1.7x slower for a SwiGLU MLP's backward pass)
+        lead = x.shape[:x.ndim - len(self.in_shape)]
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        y = jnp.dot(x.reshape(-1, n_in).astype(self.dtype),
+                    self.kernel[...].reshape(n_in, n_out).astype(self.dtype))
+        y = y.reshape(lead + self.out_shape)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -1,0 +1,111 @@
+"""Where a compiled train step's time goes, per XLA op, grouped by the part of the model it serves.
+
+Compiles the train step of CONFIG (with overrides; by default the compute issue's decoder, as in
+bench/maxtext_side_by_side.py), traces a few steps with `jax.profiler`, and sums each op's time
+over the trace, grouped as matmul or elementwise work of the LM head and loss, attention, the MLP,
+the rest of the forward and backward passes, and the optimizer update (from each op's `op_name`
+in the optimized HLO). Op times overlap where XLA runs ops side by side, so the sum can exceed the
+step; the shares are what to read.
+
+    .venv/bin/python bench/step_profile.py                       # the issue's decoder, no remat
+    .venv/bin/python bench/step_profile.py configs/gpt_tiny.yaml model.remat=full --top 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from bigjax.build import build  # noqa: E402
+from bigjax.config import load_config  # noqa: E402
+from bigjax.mesh import make_mesh  # noqa: E402
+from bigjax.plan import random_batch  # noqa: E402
+from bigjax.resolve import resolve  # noqa: E402
+
+DECODER = ["model.vocab_size=32000", "model.d_model=256", "model.n_layers=4", "model.n_heads=4",
+           "model.head_dim=64", "model.d_ff=1024", "model.mlp=swiglu",
+           "model.tie_embeddings=false", "model.max_seq_len=256", "train.seq_len=256",
+           "train.batch_size=4", "model.dtype=float32", "mesh.data=1", "mesh.fsdp=1",
+           "mesh.tensor=1", "model.remat=none"]
+RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction")  # not ops
+
+
+def part_of(name: str, op_name: str) -> str:
+    """The model part an op serves, from its HLO metadata (jvp: forward, transpose: backward)."""
+    kind = "matmul" if name.startswith(("ynn", "dot", "xnn", "onednn")) else "elementwise"
+    if "chunked_token_stats" in op_name or ("while/body" in op_name and "checkpoint" not in op_name):
+        part = "LM head + loss"
+    elif "checkpoint" in op_name or "bnts" in op_name or "bsnh" in op_name:
+        part = "attention"
+    elif "silu" in op_name or "gelu" in op_name:
+        part = "MLP activation"
+    elif "transpose(" in op_name:
+        part = "backward, other"
+    elif "jvp(" in op_name:
+        part = "forward, other"
+    else:
+        part = "optimizer, other"
+    return f"{part} ({kind})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", nargs="?", default="configs/gpt_tiny.yaml")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15)
+    args = ap.parse_args()
+    overrides = args.overrides if args.overrides or args.config != "configs/gpt_tiny.yaml" else DECODER
+    cfg = resolve(load_config(args.config, overrides))
+    parts = build(cfg, make_mesh(cfg.mesh))
+    state = parts.init_state()
+    batch = jax.device_put(random_batch(cfg, 0), parts.batch_sharding)
+    step = parts.train_step.lower(state, batch).compile()
+    op_names = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"',
+                               step.as_text(), re.M))
+    for _ in range(2):
+        state, _ = step(state, batch)
+    jax.block_until_ready(state)
+    with tempfile.TemporaryDirectory() as trace_dir:
+        jax.profiler.start_trace(trace_dir)
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            state, _ = step(state, batch)
+            jax.block_until_ready(state)
+        wall = (time.perf_counter() - t0) / args.steps
+        jax.profiler.stop_trace()
+        trace = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+        with gzip.open(trace) as fh:
+            events = json.load(fh)["traceEvents"]
+    per_op: collections.Counter = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and not e["name"].startswith(RUNTIME):
+            per_op[e["name"]] += e["dur"] / 1e3 / args.steps  # ms per step
+    total = sum(per_op.values())
+    by_part: collections.Counter = collections.Counter()
+    for name, ms in per_op.items():
+        by_part[part_of(name, op_names.get(name, ""))] += ms
+    print(f"step {wall * 1e3:.1f} ms (traced, load average {os.getloadavg()[0]:.1f}); "
+          f"op times sum to {total:.1f} ms")
+    print("| part | ms per step | share |\n|---|---|---|")
+    for part, ms in by_part.most_common():
+        print(f"| {part} | {ms:.1f} | {ms / total:.0%} |")
+    print(f"\ntop {args.top} ops:")
+    for name, ms in per_op.most_common(args.top):
+        print(f"  {ms:8.2f} ms  {name:28s} {op_names.get(name, '')[:90]}")
+
+
+if __name__ == "__main__":
+    main()
