@@ -10,7 +10,7 @@ is not counted. Both use AdamW (lr, weight decay, betas 0.9/0.999, eps 1e-8; no 
 LayerNorm weights), linear decay to 0 without warm-up, global-norm clipping at 1.0, dropout 0.1, and the same initial
 weights (bigjax's, classifier included, exported to PyTorch; the script prints both losses on one
 batch as a check).
-Prints tokens/s of both, the ratio, both validation accuracies, and (if bigjax is slower or with
+Prints tokens/s of both (from the median step), the ratio, both validation accuracies, and (if bigjax is slower or with
 --profile) where bigjax's step time goes, from jitted pieces timed alone.
 """
 
@@ -278,8 +278,9 @@ def main() -> None:
 
     tokens = args.batch * args.seq_len
     skip = args.chunk  # the first chunk of each: compilation and warm-up
-    pt_tps = tokens * len(pt_times[skip:]) / sum(pt_times[skip:])
-    bj_tps = tokens * len(bj.times[skip:]) / sum(bj.times[skip:])
+    # medians: one step slowed by a busy moment must not move the ratio (means did, by 0.2)
+    pt_tps = tokens / float(np.median(pt_times[skip:]))
+    bj_tps = tokens / float(np.median(bj.times[skip:]))
     pt_acc = torch_accuracy(model, va, va_labels, 64)
     bj_acc = bj.accuracy(va, va_labels, args.batch)
     import torch
