@@ -120,10 +120,11 @@ def test_every_resnet_convolution_follows_conv_impl():
     images = jnp.zeros((2, 16, 16, 3))
     counts = {}
     for impl in ("xla", "im2col"):
-        model = ResNet(dataclasses.replace(cfg, conv_impl=impl), 3, nnx.Rngs(0))
+        model = nnx.eval_shape(lambda: ResNet(dataclasses.replace(cfg, conv_impl=impl), 3,
+                                              nnx.Rngs(0)))  # abstract: no init to compile
         graph, params, rest = nnx.split(model, nnx.Param, ...)
         jaxpr = str(jax.make_jaxpr(jax.grad(
-            lambda p: nnx.merge(graph, p, rest, copy=True)(images, train=True).sum()))(params))
+            lambda p, r: nnx.merge(graph, p, r, copy=True)(images, train=True).sum()))(params, rest))
         counts[impl] = (jaxpr.count("conv_general_dilated"), jaxpr.count("dot_general"))
     # 17 convolutions: the 7x7 stem, 4 strided-or-not 3x3, 12 1x1 (2 per bottleneck + downsample).
     # xla: each has a forward, an input and a filter gradient convolution (none for the images'
