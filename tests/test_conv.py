@@ -42,7 +42,7 @@ SHAPES = [(9, 4, 6, 3, 2), (8, 4, 6, 1, 2), (12, 3, 4, 7, 2)]
 
 @pytest.mark.parametrize("size,c_in,c_out,k,stride", SHAPES)
 def test_im2col_equals_xla_outputs_and_gradients(size, c_in, c_out, k, stride, monkeypatch):
-    monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 1)  # a chunk per image: the scanned path
+    monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 1)  # a chunk per image (6 <= MAX_CHUNKS)
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (6, size, size, c_in))
     w = jax.random.normal(kw, (k, k, c_in, c_out)) / (k * k * c_in) ** 0.5
