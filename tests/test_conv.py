@@ -98,7 +98,8 @@ def test_cnn_gradients_do_not_depend_on_conv_impl():
     gradients whichever conv_impl computes its filter gradients."""
     images = jax.random.normal(jax.random.key(3), (6, 8, 8, 3))
     labels = jnp.array([0, 1, 2, 1, 0, 2])
-    (l_x, g_x), (l_i, g_i) = (cnn_loss_and_grads(impl, images, labels) for impl in ("xla", "im2col"))
+    (l_x, g_x), (l_i, g_i) = (cnn_loss_and_grads(impl, images, labels)
+                              for impl in ("xla", "im2col"))
     np.testing.assert_allclose(l_i, l_x, rtol=1e-6)
 
     def close(a, b):
@@ -119,8 +120,8 @@ def test_every_resnet_convolution_follows_conv_impl():
         model = nnx.eval_shape(lambda: ResNet(dataclasses.replace(cfg, conv_impl=impl), 3,
                                               nnx.Rngs(0)))  # abstract: no init to compile
         graph, params, rest = nnx.split(model, nnx.Param, ...)
-        jaxpr = str(jax.make_jaxpr(jax.grad(
-            lambda p, r: nnx.merge(graph, p, r, copy=True)(images, train=True).sum()))(params, rest))
+        loss = lambda p, r: nnx.merge(graph, p, r, copy=True)(images, train=True).sum()  # noqa: E731
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, rest))
         counts[impl] = (jaxpr.count("conv_general_dilated"), jaxpr.count("dot_general"))
     # 17 convolutions: the 7x7 stem, 4 strided-or-not 3x3, 12 1x1 (2 per bottleneck + downsample).
     # xla: each has a forward, an input and a filter gradient convolution (none for the images'
