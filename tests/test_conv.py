@@ -120,7 +120,8 @@ def test_every_resnet_convolution_follows_conv_impl():
         model = nnx.eval_shape(lambda: ResNet(dataclasses.replace(cfg, conv_impl=impl), 3,
                                               nnx.Rngs(0)))  # abstract: no init to compile
         graph, params, rest = nnx.split(model, nnx.Param, ...)
-        loss = lambda p, r: nnx.merge(graph, p, r, copy=True)(images, train=True).sum()  # noqa: E731
+        def loss(p, r, graph=graph):
+            return nnx.merge(graph, p, r, copy=True)(images, train=True).sum()
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, rest))
         counts[impl] = (jaxpr.count("conv_general_dilated"), jaxpr.count("dot_general"))
     # 17 convolutions: the 7x7 stem, 4 strided-or-not 3x3, 12 1x1 (2 per bottleneck + downsample).
