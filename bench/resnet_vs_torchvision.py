@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/resnet_vs_torchvision.py                    # batch 64, 32x32, cifar stem
     .venv/bin/python bench/resnet_vs_torchvision.py --rounds 1 --chunk 1 --batch 8   # smoke run
+    .venv/bin/python bench/resnet_vs_torchvision.py --conv-impl im2col xla   # bigjax before/after
 
 Both train the same network (ResNet-18, float32, the 3x3 CIFAR stem unless `--stem imagenet`;
 torchvision's model with conv1 replaced and the max-pool removed) with SGD (momentum 0.9, Nesterov,
 weight decay 5e-4) and cross-entropy on the same random batch of `--batch` 32x32 images. The
 measurements alternate, `--chunk` steps of one then of the other, `--rounds` times, after one
 untimed warm-up chunk each (compilation), so both see the same machine load; the script prints
-the median seconds per step of each, images/s and the ratio bigjax / PyTorch.
+the median seconds per step of each, images/s and the ratio bigjax / PyTorch. `--conv-impl A B`
+times one bigjax per `model.conv_impl` (bigjax/models/conv.py) in the same alternation.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ def torch_side(args, x, y):
     return step
 
 
-def bigjax_side(args, x, y):
+def bigjax_side(args, x, y, conv_impl: str):
     from bigjax.build import one_device
     from bigjax.config import load_config
     cfg = load_config(os.path.join(ROOT, "configs/resnet18_cifar10.yaml"), [
         f"model.stem={args.stem}", "model.image_height=32", "model.image_width=32",
         "model.image_channels=3", "task.num_labels=10", f"train.batch_size={args.batch}",
-        "mesh.data=1", "optimizer.schedule=constant", "optimizer.warmup_steps=0"])
+        "mesh.data=1", "optimizer.schedule=constant", "optimizer.warmup_steps=0",
+        f"model.conv_impl={conv_impl}"])
     parts = one_device(cfg)
     state = [parts.init_state()]
     batch = jax.device_put({"images": x, "labels": y, "weights": np.ones(len(y), np.float32)},
@@ -81,6 +84,8 @@ def main() -> None:
     p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
     p.add_argument("--chunk", type=int, default=3, help="steps of one system before switching")
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--conv-impl", nargs="+", default=["auto"], choices=["auto", "xla", "im2col"],
+                   help="model.conv_impl of each bigjax timed (one system per value)")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
@@ -88,7 +93,10 @@ def main() -> None:
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} "
           f"on {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}", flush=True)
-    steps = {"pytorch": torch_side(args, x, y), "bigjax": bigjax_side(args, x, y)}
+    steps = {"pytorch": torch_side(args, x, y)}
+    for impl in args.conv_impl:
+        steps["bigjax" if len(args.conv_impl) == 1 else f"bigjax[{impl}]"] = bigjax_side(
+            args, x, y, impl)
     t = time.perf_counter()
     first = {k: s() for k, s in steps.items()}  # warm-up: bigjax compiles here
     print(f"first losses {first} (warm-up {time.perf_counter() - t:.1f} s)", flush=True)
@@ -100,8 +108,12 @@ def main() -> None:
     for k in steps:
         print(f"{k}: median {med[k]:.3f} s/step over {len(times[k])} steps, "
               f"{args.batch / med[k]:.1f} images/s", flush=True)
-    print(f"ratio bigjax/pytorch images/s: {med['pytorch'] / med['bigjax']:.2f} "
-          f"(load average {os.getloadavg()[0]:.1f} at the end)", flush=True)
+    for k in list(steps)[1:]:
+        print(f"ratio {k}/pytorch images/s: {med['pytorch'] / med[k]:.2f}", flush=True)
+    if len(args.conv_impl) == 2:
+        a, b = (f"bigjax[{i}]" for i in args.conv_impl)
+        print(f"ratio {a}/{b} images/s: {med[b] / med[a]:.2f}", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)
 
 
 if __name__ == "__main__":

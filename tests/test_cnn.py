@@ -212,7 +212,7 @@ def test_train_writes_the_cnn_config_and_metric_rows(reference_run):
         cfg = yaml.safe_load(fh)
     assert cfg["model"] == {"name": "cnn", "channels": [8, 16], "pool": True, "batch_norm": True,
                             "bn_momentum": 0.9, "bn_eps": 1e-5, "dropout": 0.2,
-                            "dtype": "float32", "image_height": 8, "image_width": 8,
+                            "dtype": "float32", "conv_impl": "auto", "image_height": 8, "image_width": 8,
                             "image_channels": 1}
     assert cfg["task"] == {"name": "image_classification", "num_labels": 10,
                            "label_smoothing": 0.0}

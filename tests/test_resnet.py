@@ -137,6 +137,8 @@ def test_flops_equal_torchvisions_published_counts():
     ("model.blocks=[2,2]", "model.blocks must be 4 positive block counts (one per stage) or [], "
                            "got [2, 2]"),
     ("model.stem=tiny", "model.stem"),
+    ("model.conv_impl=cudnn", "model.conv_impl: got 'cudnn', expected one of 'auto', 'xla', "
+                              "'im2col'"),
 ])
 def test_bad_resnet_keys_are_one_line(over, message, tmp_path, capsys):
     rc = cli_run(["train", "configs/resnet18_cifar10.yaml", f"run.dir={tmp_path}/run", over])

@@ -16,6 +16,7 @@ from bigjax.errors import ConfigError
 from bigjax.models import layers
 from bigjax.models.axes import constrain, param
 from bigjax.models.batchnorm import BatchNorm, check_image_input, check_image_model
+from bigjax.models.conv import ConvImpl, conv2d
 from bigjax.registry import register_model
 
 KERNEL = 3
@@ -34,6 +35,7 @@ class CNNConfig(ModelConfig):
     bn_eps: float = 1e-5
     dropout: float = 0.0  # before the classifier
     dtype: str = "float32"  # activations and matmuls (float32 or bfloat16); BatchNorm in float32
+    conv_impl: ConvImpl = "auto"  # filter gradients as im2col matmuls (auto: on CPU); conv.py
     image_height: int = derived(0, "image_height")  # 0 = from the data
     image_width: int = derived(0, "image_width")
     image_channels: int = derived(0, "image_channels")
@@ -50,16 +52,17 @@ class CNNConfig(ModelConfig):
 class Conv(nnx.Module):
     """A 3x3, stride-1, SAME-padded convolution; He-normal kernel (fan-in)."""
 
-    def __init__(self, c_in: int, c_out: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
+    def __init__(self, c_in: int, c_out: int, *, use_bias: bool, dtype, impl: str,
+                 rngs: nnx.Rngs):
+        self.dtype, self.impl = dtype, impl
         std = (2.0 / (KERNEL * KERNEL * c_in)) ** 0.5
         init = nnx.initializers.normal(std)(rngs.params(), (KERNEL, KERNEL, c_in, c_out), jnp.float32)
         self.kernel = param(init, (None, None, "conv_in", "conv_out"))
         self.bias = param(jnp.zeros((c_out,), jnp.float32), ("conv_out",)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
-                                         (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        # stride 1, KERNEL // 2 zeros each side: XLA's "SAME"
+        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), 1, self.impl)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
@@ -81,7 +84,7 @@ class CNN(nnx.Module):
         c_in = cfg.image_channels
         for i, c in enumerate(cfg.channels):
             setattr(self, f"conv_{i}", Conv(c_in, c, use_bias=not cfg.batch_norm, dtype=dtype,
-                                            rngs=rngs))
+                                            impl=cfg.conv_impl, rngs=rngs))
             setattr(self, f"bn_{i}", BatchNorm(c, momentum=cfg.bn_momentum, eps=cfg.bn_eps,
                                                axis_name="conv_out") if cfg.batch_norm else None)
             c_in = c

@@ -23,6 +23,7 @@ from bigjax.errors import ConfigError
 from bigjax.models import layers
 from bigjax.models.axes import constrain, param
 from bigjax.models.batchnorm import BatchNorm, check_image_input, check_image_model
+from bigjax.models.conv import ConvImpl, conv2d
 from bigjax.registry import register_model
 
 ACT = ("batch", None, None, None)
@@ -45,6 +46,7 @@ class ResNetConfig(ModelConfig):
     bn_eps: float = 1e-5
     bn_unbiased_var: bool = True  # running variance as PyTorch keeps it (x n/(n-1))
     dtype: str = "float32"  # activations and convolutions (float32 or bfloat16)
+    conv_impl: ConvImpl = "auto"  # filter gradients as im2col matmuls (auto: on CPU); conv.py
     image_height: int = derived(0, "image_height")  # 0 = from the data
     image_width: int = derived(0, "image_width")
     image_channels: int = derived(0, "image_channels")
@@ -71,17 +73,16 @@ def plan(cfg: ResNetConfig) -> tuple[str, list[tuple[int, int, int]]]:
 class Conv(nnx.Module):
     """k x k convolution, no bias (BatchNorm follows), He-normal fan-out init as torchvision."""
 
-    def __init__(self, c_in: int, c_out: int, k: int, stride: int, *, dtype, rngs: nnx.Rngs):
-        self.k, self.stride, self.dtype = k, stride, dtype
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int, *, dtype, impl: str,
+                 rngs: nnx.Rngs):
+        self.k, self.stride, self.dtype, self.impl = k, stride, dtype, impl
         std = (2.0 / (k * k * c_out)) ** 0.5
         init = nnx.initializers.normal(std)(rngs.params(), (k, k, c_in, c_out), jnp.float32)
         self.kernel = param(init, (None, None, "conv_in", "conv_out"))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        p = self.k // 2
-        return jax.lax.conv_general_dilated(
-            x.astype(self.dtype), self.kernel[...].astype(self.dtype), (self.stride,) * 2,
-            ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
+                      self.impl)
 
 
 class Block(nnx.Module):
@@ -90,16 +91,17 @@ class Block(nnx.Module):
     where the shape changes)."""
 
     def __init__(self, kind: str, c_in: int, planes: int, stride: int, bn: dict, *, dtype,
-                 rngs: nnx.Rngs):
+                 impl: str, rngs: nnx.Rngs):
         c_out = planes * EXPANSION[kind]
         shapes = ([(c_in, planes, 3, stride), (planes, planes, 3, 1)] if kind == "basic" else
                   [(c_in, planes, 1, 1), (planes, planes, 3, stride), (planes, c_out, 1, 1)])
         self.n = len(shapes)
         for i, (ci, co, k, s) in enumerate(shapes, 1):
-            setattr(self, f"conv{i}", Conv(ci, co, k, s, dtype=dtype, rngs=rngs))
+            setattr(self, f"conv{i}", Conv(ci, co, k, s, dtype=dtype, impl=impl, rngs=rngs))
             setattr(self, f"bn{i}", BatchNorm(co, **bn))
         down = stride != 1 or c_in != c_out
-        self.downsample_conv = Conv(c_in, c_out, 1, stride, dtype=dtype, rngs=rngs) if down else None
+        self.downsample_conv = (Conv(c_in, c_out, 1, stride, dtype=dtype, impl=impl, rngs=rngs)
+                                if down else None)
         self.downsample_bn = BatchNorm(c_out, **bn) if down else None
 
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -126,14 +128,17 @@ class ResNet(nnx.Module):
                   unbiased_running_var=cfg.bn_unbiased_var)
         self.cfg = cfg
         stem_k, stem_s = (7, 2) if cfg.stem == "imagenet" else (3, 1)
-        self.conv1 = Conv(cfg.image_channels, cfg.width, stem_k, stem_s, dtype=dtype, rngs=rngs)
+        impl = cfg.conv_impl
+        self.conv1 = Conv(cfg.image_channels, cfg.width, stem_k, stem_s, dtype=dtype, impl=impl,
+                          rngs=rngs)
         self.bn1 = BatchNorm(cfg.width, **bn)
         kind, blocks = plan(cfg)
         c_in, self.block_names = cfg.width, []
         for stage, b, stride in blocks:
             planes = cfg.width * 2 ** stage
             name = f"layer{stage + 1}_{b}"
-            setattr(self, name, Block(kind, c_in, planes, stride, bn, dtype=dtype, rngs=rngs))
+            setattr(self, name, Block(kind, c_in, planes, stride, bn, dtype=dtype, impl=impl,
+                                        rngs=rngs))
             self.block_names.append(name)
             c_in = planes * EXPANSION[kind]
         self.fc = layers.Dense((c_in,), (num_labels,), ("conv_out", None), use_bias=True,

@@ -1,0 +1,101 @@
+"""2-D convolution for the image families (cnn, resnet), NHWC x HWIO with symmetric padding, with a
+choice of how XLA computes it (`model.conv_impl`).
+
+Why: on XLA:CPU the filter gradient of a convolution (dL/dW, a contraction over batch x height x
+width) is lowered to an Eigen spatial convolution whose "kernel" is the whole image; it runs at a
+few GFLOP/s, 10-20x slower than the forward pass, and was most of a ResNet-18 training step
+(notes/issue-12-perf.md). `im2col` keeps the forward pass and the input gradient as XLA
+convolutions (fast on CPU, so the outputs are the very numbers `xla` gives) and computes only the
+filter gradient as matrix products over image patches, in chunks of the batch so that the patches
+of a chunk stay at most 32 MB; a 1x1 convolution is a plain matrix product throughout.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+ConvImpl = Literal["auto", "xla", "im2col"]
+IMPLS = ("auto", "xla", "im2col")
+_DIMS = ("NHWC", "HWIO", "NHWC")
+PATCH_CHUNK_BYTES = 32 << 20  # patches of one chunk of the batch: big matmuls, little memory
+MAX_CHUNKS = 16  # chunks are unrolled: more would only grow the program (and its compile time)
+
+
+def resolve_impl(impl: str) -> str:
+    """`auto`: im2col filter gradients on CPU (where XLA's are slow), XLA's own elsewhere (cuDNN and
+    the TPU compiler have fast filter-gradient kernels)."""
+    if impl == "auto":
+        return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return impl
+
+
+def conv2d(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, impl: str) -> jax.Array:
+    """k x k convolution (k = w.shape[0], odd), `stride` in both directions, k // 2 zeros of
+    padding on every side (PyTorch's padding=k//2; for stride 1 also XLA's "SAME")."""
+    k = w_HWIO.shape[0]
+    if resolve_impl(impl) == "xla":
+        return _xla_conv(x_BHWC, w_HWIO, stride)
+    if k == 1:  # a strided matrix product: no convolution, no patches
+        return jnp.einsum("bhwc,co->bhwo", x_BHWC[:, ::stride, ::stride], w_HWIO[0, 0])
+    return _conv_mm_filter_grad(x_BHWC, w_HWIO, stride)
+
+
+def _xla_conv(x, w, stride: int):
+    p = w.shape[0] // 2
+    return lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
+                                    dimension_numbers=_DIMS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_mm_filter_grad(x, w, stride: int):
+    return _xla_conv(x, w, stride)
+
+
+def _fwd(x, w, stride):
+    return _xla_conv(x, w, stride), (x, w)
+
+
+def _bwd(stride, res, dy):
+    x, w = res
+    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, stride), x)  # XLA's transposed conv: fast
+    (dx,) = input_vjp(dy)
+    return dx, filter_grad(x, dy, w.shape[0], stride).astype(w.dtype)
+
+
+_conv_mm_filter_grad.defvjp(_fwd, _bwd)
+
+
+def _taps(x_p, k: int, stride: int, h_out: int, w_out: int) -> list[jax.Array]:
+    """The k*k shifted (strided) views of the padded input, tap (i, j) in row-major order: the
+    order of HWIO's (H, W) axes."""
+    span_h, span_w = stride * (h_out - 1) + 1, stride * (w_out - 1) + 1
+    return [x_p[:, i:i + span_h:stride, j:j + span_w:stride] for i in range(k) for j in range(k)]
+
+
+def filter_grad(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int, stride: int) -> jax.Array:
+    """dL/dW (k x k x C x O, float32) of `conv2d` from its input and output gradient:
+    sum over batch and output pixels of patch(x)^T dy, as one patch matrix x dy product per chunk of
+    the batch. Chunk s takes images s, s + n, s + 2n, ... (a strided slice the patch concatenation
+    reads in place; a batch sharded over devices stays spread over all of them, each device
+    contracting its own rows). The chunks are unrolled, not scanned: a scan needed the batch
+    transposed to chunk-major first, two copies of x and dy that cost 1.46x in a ResNet-18 step."""
+    b, h_out, w_out, o = dy_BHWO.shape
+    c, p = x_BHWC.shape[-1], k // 2
+    x_p = jnp.pad(x_BHWC, ((0, 0), (p, p), (p, p), (0, 0)))
+    per_image = h_out * w_out * k * k * c * x_BHWC.dtype.itemsize
+    needed = min(-(-b * per_image // PATCH_CHUNK_BYTES), MAX_CHUNKS)
+    divisors = [d for d in range(1, MAX_CHUNKS + 1) if b % d == 0]
+    n = next((d for d in divisors if d >= needed), divisors[-1])  # chunks of equal size
+    x_chunks = x_p.reshape(b // n, n, *x_p.shape[1:])
+    dy_chunks = dy_BHWO.reshape(b // n, n, h_out, w_out, o)
+    acc = jnp.zeros((k * k * c, o), jnp.float32)
+    for s in range(n):
+        patches = jnp.concatenate(_taps(x_chunks[:, s], k, stride, h_out, w_out), -1)
+        acc += lax.dot_general(patches.reshape(-1, k * k * c), dy_chunks[:, s].reshape(-1, o),
+                               (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc.reshape(k, k, c, o)

@@ -1,0 +1,134 @@
+"""bigjax/models/conv.py: the im2col filter gradient and 1x1 matrix products compute what XLA's
+convolution computes (outputs and both gradients), also chunked, sharded and inside a ResNet."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax import lax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from bigjax.models import conv
+from bigjax.models.cnn import CNN, CNNConfig
+from bigjax.models.resnet import ResNet, ResNetConfig
+
+
+def reference(x, w, stride):
+    p = w.shape[0] // 2
+    return lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def both_ways(x, w, stride, g):
+    """Outputs, and the gradients of sum(output * g), of lax's convolution and of im2col, in one
+    compiled program (one compile per shape keeps the test cheap)."""
+    def run(fn):
+        y, vjp = jax.vjp(lambda x, w: fn(x, w, stride), x, w)
+        return y, *vjp(g)
+    return run(reference), run(lambda x, w, s: conv.conv2d(x, w, s, "im2col"))
+
+
+# (image size, C in, C out, k, stride): a 3x3 stride-2 on an odd size (the last row and column
+# are only ever padding's neighbours), ResNet's 1x1 downsample, the imagenet 7x7 stem; the 3x3
+# stride-1 case runs inside the cnn test below
+SHAPES = [(9, 4, 6, 3, 2), (8, 4, 6, 1, 2), (12, 3, 4, 7, 2)]
+
+
+@pytest.mark.parametrize("size,c_in,c_out,k,stride", SHAPES)
+def test_im2col_equals_xla_outputs_and_gradients(size, c_in, c_out, k, stride, monkeypatch):
+    monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 1)  # a chunk per image (6 <= MAX_CHUNKS)
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (6, size, size, c_in))
+    w = jax.random.normal(kw, (k, k, c_in, c_out)) / (k * k * c_in) ** 0.5
+    size_out = (size + 2 * (k // 2) - k) // stride + 1
+    g = jax.random.normal(jax.random.key(2), (6, size_out, size_out, c_out))  # a fixed cotangent
+    (y_ref, dx_ref, dw_ref), (y, dx, dw) = jax.jit(both_ways, static_argnums=2)(x, w, stride, g)
+    assert y.shape == y_ref.shape
+    # float32 sums of at most 6*12*12 = 864 products of O(1) terms: summation-order differences
+    # are ~1e-6; a wrong tap, stride offset or padding side moves values by O(0.1)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-4)
+    if k > 1:  # the forward and the input gradient are XLA's own convolutions: the same bits
+        np.testing.assert_array_equal(y, y_ref)
+        np.testing.assert_array_equal(dx, dx_ref)
+
+
+def test_filter_grad_under_a_sharded_batch_equals_one_device(monkeypatch):
+    """The batch sharded over the 8 test devices (an Auto mesh, as bigjax/mesh.py makes), in two
+    chunks of 8 images: each chunk's rows are spread over all devices and the partial filter
+    gradients are summed across them, so the result is the one-device one."""
+    monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 8 * 8 * 8 * 9 * 4 * 4)  # 8 images' patches
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    kx, kd = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (16, 8, 8, 4))
+    dy = jax.random.normal(kd, (16, 8, 8, 5))
+    grad = jax.jit(conv.filter_grad, static_argnums=(2, 3))
+    one = grad(x, dy, 3, 1)
+    sharding = NamedSharding(mesh, P("data"))
+    sharded = grad(jax.device_put(x, sharding), jax.device_put(dy, sharding), 3, 1)
+    np.testing.assert_allclose(sharded, one, rtol=0, atol=1e-4)
+    lax_grad = jax.jit(lambda x, dy: jax.vjp(lambda w: reference(x, w, 1),
+                                             jnp.zeros((3, 3, 4, 5)))[1](dy)[0])
+    np.testing.assert_allclose(one, lax_grad(x, dy), rtol=0, atol=1e-4)
+
+
+def test_auto_is_im2col_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert conv.resolve_impl("auto") == "im2col"
+    assert conv.resolve_impl("xla") == "xla"
+
+
+def cnn_loss_and_grads(impl: str, images, labels):
+    model = CNN(CNNConfig(channels=[4, 6], image_height=8, image_width=8, image_channels=3,
+                          conv_impl=impl), 3, nnx.Rngs(0))
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def f(params):
+        logits = nnx.merge(graph, params, rest, copy=True)(images, train=True)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1))
+    return jax.jit(jax.value_and_grad(f))(params)
+
+
+def test_cnn_gradients_do_not_depend_on_conv_impl():
+    """The cnn family (3x3 stride-1 convolutions, BatchNorm, max-pool) trains on the same loss and
+    gradients whichever conv_impl computes its filter gradients."""
+    images = jax.random.normal(jax.random.key(3), (6, 8, 8, 3))
+    labels = jnp.array([0, 1, 2, 1, 0, 2])
+    (l_x, g_x), (l_i, g_i) = (cnn_loss_and_grads(impl, images, labels)
+                              for impl in ("xla", "im2col"))
+    np.testing.assert_allclose(l_i, l_x, rtol=1e-6)
+
+    def close(a, b):
+        # float32 summation order, amplified where BatchNorm subtracts nearly equal terms: ~1e-5 of
+        # a leaf's largest entry; a wrong filter gradient would be off by its whole size
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * float(np.abs(b).max()))
+    jax.tree.map(close, g_i, g_x)
+
+
+def test_every_resnet_convolution_follows_conv_impl():
+    """Traced, not compiled: with im2col every k x k convolution's filter gradient is a matrix
+    product and every 1x1 convolution a matrix product throughout; with xla none are."""
+    cfg = ResNetConfig(depth=50, blocks=[1, 1, 1, 1], width=2, stem="imagenet", image_height=16,
+                       image_width=16, image_channels=3)
+    images = jnp.zeros((2, 16, 16, 3))
+    counts = {}
+    for impl in ("xla", "im2col"):
+        model = nnx.eval_shape(lambda: ResNet(dataclasses.replace(cfg, conv_impl=impl), 3,
+                                              nnx.Rngs(0)))  # abstract: no init to compile
+        graph, params, rest = nnx.split(model, nnx.Param, ...)
+        def loss(p, r, graph=graph):
+            return nnx.merge(graph, p, r, copy=True)(images, train=True).sum()
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, rest))
+        counts[impl] = (jaxpr.count("conv_general_dilated"), jaxpr.count("dot_general"))
+    # 17 convolutions: the 7x7 stem, 4 strided-or-not 3x3, 12 1x1 (2 per bottleneck + downsample).
+    # xla: each has a forward, an input and a filter gradient convolution (none for the images'
+    # gradient) = 50; the classifier's 3 matrix products.
+    assert counts["xla"] == (50, 3)
+    # im2col: the 5 k x k convolutions keep a forward and an input gradient convolution (the custom
+    # backward re-traces the forward for its input vjp; XLA drops that unused copy) = 15; matrix
+    # products: 12 1x1 x 3 + 5 filter gradients + the classifier's 3 = 44
+    assert counts["im2col"] == (15, 44)
