@@ -190,9 +190,6 @@ class Tokenize:
     def __init__(self, tokenizer: Any, eos_id: int | None):
         self.tokenizer, self.eos_id = tokenizer, eos_id
 
-    def __call__(self, text: str | np.ndarray) -> np.ndarray:
-        return self.many([text])[0]
-
     def many(self, texts: Sequence[str | np.ndarray | None]) -> list[np.ndarray | None]:
         """Each document's ids (None stays None: a skipped bad record); the texts go to the
         tokenizer in one batched call, which gives the same ids as one call each."""

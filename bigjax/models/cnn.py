@@ -14,9 +14,9 @@ from flax import nnx
 from bigjax.config import Config, ModelConfig, derived
 from bigjax.errors import ConfigError
 from bigjax.models import layers
-from bigjax.models.axes import constrain, param
+from bigjax.models.axes import constrain
 from bigjax.models.batchnorm import BatchNorm, check_image_input, check_image_model
-from bigjax.models.conv import ConvImpl, conv2d
+from bigjax.models.conv import Conv, ConvImpl
 from bigjax.registry import register_model
 
 KERNEL = 3
@@ -49,23 +49,6 @@ class CNNConfig(ModelConfig):
         check_image_model("cnn", self, cfg.task)
 
 
-class Conv(nnx.Module):
-    """A 3x3, stride-1, SAME-padded convolution; He-normal kernel (fan-in)."""
-
-    def __init__(self, c_in: int, c_out: int, *, use_bias: bool, dtype, impl: str,
-                 rngs: nnx.Rngs):
-        self.dtype, self.impl = dtype, impl
-        std = (2.0 / (KERNEL * KERNEL * c_in)) ** 0.5
-        init = nnx.initializers.normal(std)(rngs.params(), (KERNEL, KERNEL, c_in, c_out), jnp.float32)
-        self.kernel = param(init, (None, None, "conv_in", "conv_out"))
-        self.bias = param(jnp.zeros((c_out,), jnp.float32), ("conv_out",)) if use_bias else None
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # stride 1, KERNEL // 2 zeros each side: XLA's "SAME"
-        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), 1, self.impl)
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
-
-
 def _pool_sizes(cfg: CNNConfig) -> list[tuple[int, int, bool]]:
     """(height, width, pooled) at the input of each block."""
     h, w, out = cfg.image_height, cfg.image_width, []
@@ -83,7 +66,8 @@ class CNN(nnx.Module):
         self.cfg, self.pools = cfg, [p for _, _, p in _pool_sizes(cfg)]
         c_in = cfg.image_channels
         for i, c in enumerate(cfg.channels):
-            setattr(self, f"conv_{i}", Conv(c_in, c, use_bias=not cfg.batch_norm, dtype=dtype,
+            setattr(self, f"conv_{i}", Conv(c_in, c, KERNEL, fan="in",
+                                            use_bias=not cfg.batch_norm, dtype=dtype,
                                             impl=cfg.conv_impl, rngs=rngs))
             setattr(self, f"bn_{i}", BatchNorm(c, momentum=cfg.bn_momentum, eps=cfg.bn_eps,
                                                axis_name="conv_out") if cfg.batch_norm else None)

@@ -17,7 +17,10 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax import lax
+
+from bigjax.models.axes import param
 
 ConvImpl = Literal["auto", "xla", "im2col"]
 IMPLS = ("auto", "xla", "im2col")
@@ -43,6 +46,25 @@ def conv2d(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, impl: str) -> jax.
     if k == 1:  # a strided matrix product: no convolution, no patches
         return jnp.einsum("bhwc,co->bhwo", x_BHWC[:, ::stride, ::stride], w_HWIO[0, 0])
     return _conv_mm_filter_grad(x_BHWC, w_HWIO, stride)
+
+
+class Conv(nnx.Module):
+    """k x k convolution (`conv2d`) with an optional bias; He-normal kernel over the fan-in, or
+    over the fan-out as torchvision's ResNets (`fan="out"`)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int = 1, *,
+                 fan: Literal["in", "out"], use_bias: bool = False, dtype, impl: str,
+                 rngs: nnx.Rngs):
+        self.stride, self.dtype, self.impl = stride, dtype, impl
+        std = (2.0 / (k * k * (c_in if fan == "in" else c_out))) ** 0.5
+        init = nnx.initializers.normal(std)(rngs.params(), (k, k, c_in, c_out), jnp.float32)
+        self.kernel = param(init, (None, None, "conv_in", "conv_out"))
+        self.bias = param(jnp.zeros((c_out,), jnp.float32), ("conv_out",)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
+                   self.impl)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 def _xla_conv(x, w, stride: int):

@@ -21,9 +21,9 @@ from flax import nnx
 from bigjax.config import Config, ModelConfig, derived
 from bigjax.errors import ConfigError
 from bigjax.models import layers
-from bigjax.models.axes import constrain, param
+from bigjax.models.axes import constrain
 from bigjax.models.batchnorm import BatchNorm, check_image_input, check_image_model
-from bigjax.models.conv import ConvImpl, conv2d
+from bigjax.models.conv import Conv, ConvImpl
 from bigjax.registry import register_model
 
 ACT = ("batch", None, None, None)
@@ -70,21 +70,6 @@ def plan(cfg: ResNetConfig) -> tuple[str, list[tuple[int, int, int]]]:
                   for b in range(n)]
 
 
-class Conv(nnx.Module):
-    """k x k convolution, no bias (BatchNorm follows), He-normal fan-out init as torchvision."""
-
-    def __init__(self, c_in: int, c_out: int, k: int, stride: int, *, dtype, impl: str,
-                 rngs: nnx.Rngs):
-        self.k, self.stride, self.dtype, self.impl = k, stride, dtype, impl
-        std = (2.0 / (k * k * c_out)) ** 0.5
-        init = nnx.initializers.normal(std)(rngs.params(), (k, k, c_in, c_out), jnp.float32)
-        self.kernel = param(init, (None, None, "conv_in", "conv_out"))
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
-                      self.impl)
-
-
 class Block(nnx.Module):
     """basic: 3x3 -> 3x3; bottleneck: 1x1 -> 3x3 (stride) -> 1x1 (x4 channels); each convolution
     followed by BatchNorm, ReLU after the sum with the shortcut (a 1x1 strided conv + BatchNorm
@@ -97,10 +82,12 @@ class Block(nnx.Module):
                   [(c_in, planes, 1, 1), (planes, planes, 3, stride), (planes, c_out, 1, 1)])
         self.n = len(shapes)
         for i, (ci, co, k, s) in enumerate(shapes, 1):
-            setattr(self, f"conv{i}", Conv(ci, co, k, s, dtype=dtype, impl=impl, rngs=rngs))
+            setattr(self, f"conv{i}", Conv(ci, co, k, s, fan="out", dtype=dtype, impl=impl,
+                                           rngs=rngs))
             setattr(self, f"bn{i}", BatchNorm(co, **bn))
         down = stride != 1 or c_in != c_out
-        self.downsample_conv = (Conv(c_in, c_out, 1, stride, dtype=dtype, impl=impl, rngs=rngs)
+        self.downsample_conv = (Conv(c_in, c_out, 1, stride, fan="out", dtype=dtype, impl=impl,
+                                     rngs=rngs)
                                 if down else None)
         self.downsample_bn = BatchNorm(c_out, **bn) if down else None
 
@@ -129,8 +116,8 @@ class ResNet(nnx.Module):
         self.cfg = cfg
         stem_k, stem_s = (7, 2) if cfg.stem == "imagenet" else (3, 1)
         impl = cfg.conv_impl
-        self.conv1 = Conv(cfg.image_channels, cfg.width, stem_k, stem_s, dtype=dtype, impl=impl,
-                          rngs=rngs)
+        self.conv1 = Conv(cfg.image_channels, cfg.width, stem_k, stem_s, fan="out", dtype=dtype,
+                          impl=impl, rngs=rngs)
         self.bn1 = BatchNorm(cfg.width, **bn)
         kind, blocks = plan(cfg)
         c_in, self.block_names = cfg.width, []
