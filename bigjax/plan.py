@@ -210,6 +210,7 @@ class Planner:
     spec: Any = None
     tx: Any = None
     abstract: TrainState | None = None
+    trainable: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.tx, _ = make_optimizer(self.cfg.optimizer, self.cfg.train.steps)
@@ -218,6 +219,7 @@ class Planner:
         flat = jax.tree_util.tree_flatten_with_path(self.spec.abstract_params)[0]
         self.n_embedding = sum(int(x.size) for p, x in flat
                                if mesh_lib.path_str(p).endswith("embedding"))
+        self.trainable = param_rules(self.cfg, self.spec.abstract_params).trainable
 
     def _params_bytes(self, mesh_shape: dict[str, int]):
         mesh = abstract_mesh(tuple(mesh_shape[a] for a in MESH_AXES))
@@ -260,8 +262,8 @@ class Planner:
             act += params * m.vocab_size * m.d_model / max(self.n_params, 1)
         model_state = bytes_per_device(abstract.model_state, sh.model_state)
         # the step differentiates the trainable subtree only (frozen rules, LoRA's base)
-        trainable = param_rules(cfg, abstract.params).trainable
-        grads = bytes_per_device(subtree(abstract.params, trainable), subtree(sh.params, trainable))
+        grads = bytes_per_device(subtree(abstract.params, self.trainable),
+                                 subtree(sh.params, self.trainable))
         return Memory(params + model_state, grads * copies, opt, act)
 
 
