@@ -298,7 +298,14 @@ def _compress(args) -> int:
     if step != steps:
         raise CheckpointError(f"'{src}' is not finished: its latest checkpoint is step {step} of "
                               f"train.steps={steps}; run its training to the end first")
-    before = source.evaluate()
+    # the run's own final evaluation of these weights over the whole split, if it has one
+    stored = source.checkpointer.read_meta(step).get("evaluation") or {}
+    if stored and stored["examples"] == stored["of"] == len(source.data.eval):
+        before = stored["metrics"]
+        print(f"float metrics: the run's evaluation of step {step} over all {stored['of']} "
+              "validation examples (its checkpoint's meta)", flush=True)
+    else:
+        before = source.evaluate()
     report = compress.write_int8_run(src, out, source.cfg, step, jax.device_get(state.params),
                                      jax.device_get(state.model_state))
     after = Trainer.from_run(out, ["train.eval_batches=0"]).evaluate()

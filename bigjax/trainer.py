@@ -96,16 +96,20 @@ class Trainer:
         return self.data.tokenizer
 
     # ---- state -------------------------------------------------------------------------------
-    def _meta(self, step: int) -> dict[str, Any]:
+    def _meta(self, step: int, evaluation: dict[str, float] | None = None) -> dict[str, Any]:
         meta = {"step": step, "config": to_dict(self.cfg), "bigjax_version": __version__,
                 "mesh": dict(self.mesh.shape), "process_count": jax.process_count()}
+        if evaluation is not None:  # these weights' metrics: `compress` reports them, not re-run
+            scored, total = self.eval_coverage
+            meta["evaluation"] = {"metrics": evaluation, "examples": scored, "of": total}
         if finetune.is_lora(self.cfg):  # the base the adapters belong to (bigjax.finetune)
             meta["lora_base"] = {"source": self.cfg.init.from_, "fingerprint": self._base_print}
         return meta
 
-    def _save(self, step: int, state: TrainState, data_state: dict, **kw) -> None:
+    def _save(self, step: int, state: TrainState, data_state: dict,
+              metrics: dict[str, float] | None = None, **kw) -> None:
         self.checkpointer.save(step, finetune.stored(self.cfg, state, self._saved_paths),
-                               data_state, self._meta(step), **kw)
+                               data_state, self._meta(step, metrics), metrics=metrics, **kw)
 
     def _restore_or_init(self) -> tuple[TrainState, dict | None]:
         """Resume from the newest usable checkpoint of the run, else init (and `init.from`).
@@ -315,7 +319,9 @@ class Trainer:
         report.message(f"MFU against {peak_info.source}" if peak_total > 0 else
                        f"MFU not reported: {peak_info.source}")
         last: dict[str, float] = {}
-        if start == 0 and start < t.steps:
+        # step 0 starts the curve of periodic evaluations; with eval_every 0 only the final one
+        # counts (a MiniLM finetune's full split: ~15 s), unless keep_best needs its metric now
+        if start == 0 and start < t.steps and (t.eval_every or cfg.checkpoint.keep_best_metric):
             report.stage("evaluating step 0 (compiling the eval step)")
             last = self._evaluate_and_log(report, 0, every_metric=False)
             self.checkpointer.check_metrics(last)  # a wrong keep_best_metric fails now, not later

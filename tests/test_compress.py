@@ -56,6 +56,8 @@ def test_compressed_run_is_evaluated_and_predicts_from_int8(trained, capsys):
     assert cli_run(["compress", str(trained / "run"), "--int8", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "as int8, float32 scales per output channel" in printed and "eval_accuracy" in printed
+    # the float metrics are the run's final evaluation, kept in its checkpoint, not a new one
+    assert "float metrics: the run's evaluation of step 12 over all 40 validation" in printed
     report = json.load(open(out / MARKER))
     q = Trainer.from_run(out)
     assert q.evaluate() == report["metrics_after"]  # eval reads the same int8 run
@@ -65,6 +67,7 @@ def test_compressed_run_is_evaluated_and_predicts_from_int8(trained, capsys):
     # two ways to the same probabilities: the run's int8 path, and the float model with the
     # kernels dequantised here in numpy (1e-5: the same float32 arithmetic, other fusion)
     f = Trainer.from_run(trained / "run")
+    assert f.evaluate() == before  # what evaluating the float run again gives, bit for bit
     params = jax.device_get(f.init_state().params)
     kernels = linear_kernels(f.cfg)
     deq = jax.tree_util.tree_map_with_path(
