@@ -50,10 +50,14 @@ RUN_NAMES=(bert_mini_sentiment minilm_sentiment minilm_sentiment_int8 bert_mini_
 declare -A ACC F1 PARAMS BYTES
 field() { grep -o "$1=[0-9.]*" "$2" | cut -d= -f2; }
 for run in "${RUN_NAMES[@]}"; do
-  stage "eval_$run" to_file "$RUNS/$run/eval.txt" $BJ eval "$RUNS/$run"
-  ACC[$run]=$(field eval_accuracy "$RUNS/$run/eval.txt"); F1[$run]=$(field eval_macro_f1 "$RUNS/$run/eval.txt")
   .venv/bin/python scripts/run_size.py "$RUNS/$run" > "$RUNS/$run/size.txt"
   PARAMS[$run]=$(field params "$RUNS/$run/size.txt"); BYTES[$run]=$(field weights_bytes "$RUNS/$run/size.txt")
+  metrics="$RUNS/$run/size.txt"  # int8 runs: compress evaluated them on the same split just now
+  if [ -z "$(field eval_accuracy "$metrics")" ]; then
+    metrics="$RUNS/$run/eval.txt"
+    stage "eval_$run" to_file "$metrics" $BJ eval "$RUNS/$run"
+  fi
+  ACC[$run]=$(field eval_accuracy "$metrics"); F1[$run]=$(field eval_macro_f1 "$metrics")
   stage "predict_$run" $BJ predict "$RUNS/$run" "${SENTENCES[@]}"
 done
 stage baseline to_file "$RUNS/baseline.txt" .venv/bin/python scripts/tfidf_baseline.py \

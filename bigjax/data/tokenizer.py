@@ -1,12 +1,15 @@
 """Tokenizers: load a Hugging Face tokenizer from a local dir, or train a byte-level BPE.
 
 A trained tokenizer is saved with `save_pretrained`, so `AutoTokenizer.from_pretrained(dir)` loads
-it like any other and it travels with the run (and with a Hugging Face export).
+it like any other and it travels with the run (and with a Hugging Face export). Loading reads
+tokenizer.json with the `tokenizers` library (`Tokenizer`), without importing transformers.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import json
+import os
+from typing import Any, Iterable
 
 from bigjax.errors import DataError, first_line
 from bigjax.paths import PathLike, local_dir, local_staging, publish_dir, run_path
@@ -49,13 +52,125 @@ def save_tokenizer(tok, out_dir: PathLike) -> None:
 
 
 def load_tokenizer(path: PathLike):
-    """A Hugging Face tokenizer dir, local or on object storage (read through a local copy)."""
-    from transformers import AutoTokenizer
-
+    """A Hugging Face tokenizer dir, local or on object storage (read through a local copy): a
+    `Tokenizer` when it has a tokenizer.json (every fast tokenizer, and all that bigjax writes),
+    else transformers' `AutoTokenizer` (vocab.txt or sentencepiece only: it converts them)."""
     if not run_path(path).is_dir():
         raise DataError(f"tokenizer dir '{path}' does not exist (data.tokenizer)")
     try:
         with local_dir(path) as local:
+            if os.path.isfile(os.path.join(local, "tokenizer.json")):
+                return Tokenizer.from_dir(local)
+            from transformers import AutoTokenizer
             return AutoTokenizer.from_pretrained(local)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # tokenizers raises its own types, transformers OSError/ValueError
         raise DataError(f"cannot load a tokenizer from '{path}': {first_line(e)}")
+
+
+FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+         "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+ROLES = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+
+
+class Tokenizer:
+    """What bigjax needs of a Hugging Face fast tokenizer, on the `tokenizers` library alone:
+    tokenizer.json does the work and tokenizer_config.json / special_tokens_map.json name the
+    special tokens, as transformers' PreTrainedTokenizerFast reads them (tests compare the two on
+    real tokenizers). transformers would import itself and torch: ~4 s of every command."""
+
+    def __init__(self, files: dict[str, bytes]):
+        from tokenizers import Tokenizer as Backend
+
+        self.files = files  # the dir's own files: saving copies them, byte for byte
+        self.backend = Backend.from_str(files["tokenizer.json"].decode("utf-8"))
+        config = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
+            if name in files:
+                config.update(json.loads(files[name]))
+        self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
+        extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+        self.special_tokens = {r: _content(config.get(f"{r}_token")) for r in ROLES}
+        for role, token in self.special_tokens.items():
+            setattr(self, f"{role}_token_id", None if token is None else
+                    self.backend.token_to_id(token))
+        ids = [getattr(self, f"{r}_token_id") for r in ROLES]
+        ids += [self.backend.token_to_id(_content(t)) for t in extra]
+        self.all_special_ids = sorted({i for i in ids if i is not None})
+        self._configured: dict[tuple, Any] = {}
+
+    @classmethod
+    def from_dir(cls, local: str) -> "Tokenizer":
+        return cls({f: open(os.path.join(local, f), "rb").read() for f in FILES
+                    if os.path.isfile(os.path.join(local, f))})
+
+    def __len__(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def _for(self, max_length: int | None, pad: bool):
+        """A copy of the backend set to truncate / pad (setting the shared one would race)."""
+        key = (max_length, pad)
+        if key not in self._configured:
+            from tokenizers import Tokenizer as Backend
+
+            b = Backend.from_str(self.backend.to_str())
+            b.no_truncation(), b.no_padding()
+            if max_length is not None:
+                b.enable_truncation(max_length, strategy="longest_first", direction="right")
+            if pad:
+                token = self.special_tokens["pad"]
+                b.enable_padding(direction="right", pad_id=self.pad_token_id or 0, pad_type_id=0,
+                                 pad_token=token or "[PAD]", length=max_length)
+            self._configured[key] = b
+        return self._configured[key]
+
+    def __call__(self, texts, add_special_tokens: bool = True, truncation: bool = False,
+                 max_length: int | None = None, padding: bool | str = False,
+                 return_token_type_ids: bool = True, return_attention_mask: bool = True):
+        """transformers' call for the uses here: a str or a list of them -> input_ids
+        (attention_mask, token_type_ids), truncated to / padded to exactly `max_length`."""
+        if padding not in (False, "max_length") or (padding and max_length is None):
+            raise ValueError(f"padding={padding!r}: only 'max_length' with a max_length is supported")
+        one = isinstance(texts, str)
+        encs = self._for(max_length if truncation else None, bool(padding)).encode_batch(
+            [texts] if one else list(texts), add_special_tokens=add_special_tokens)
+        out = {"input_ids": [e.ids for e in encs]}
+        if return_attention_mask:
+            out["attention_mask"] = [e.attention_mask for e in encs]
+        if return_token_type_ids:
+            out["token_type_ids"] = [e.type_ids for e in encs]
+        return {k: v[0] for k, v in out.items()} if one else out
+
+    def convert_ids_to_tokens(self, ids) -> list[str | None]:
+        return [self.backend.id_to_token(int(i)) for i in ids]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        return _clean_up(text) if self.clean_up_spaces else text
+
+    def save_pretrained(self, out: str) -> None:
+        os.makedirs(out, exist_ok=True)
+        for name, data in self.files.items():
+            with open(os.path.join(out, name), "wb") as f:
+                f.write(data)
+
+    def __getstate__(self):  # to grain's worker processes: the files, not the Rust objects
+        return {"files": self.files}
+
+    def __setstate__(self, state):
+        self.__init__(state["files"])
+
+
+def _content(token) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string or {"content": ...}."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
+def _clean_up(text: str) -> str:
+    """transformers' clean_up_tokenization: no space before punctuation and contractions."""
+    for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                 (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+        text = text.replace(a, b)
+    return text
