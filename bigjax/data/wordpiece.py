@@ -7,7 +7,7 @@ from typing import Sequence
 import numpy as np
 
 from bigjax.config import Config, init_run_dir
-from bigjax.data.tokenizer import load_tokenizer, save_tokenizer
+from bigjax.data.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
 from bigjax.errors import DataError
 from bigjax.paths import PathLike, run_path
 
@@ -43,21 +43,28 @@ def wordpiece_vocab(texts: Sequence[str], vocab_size: int) -> list[str]:
     return vocab
 
 
-def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
-    """An uncased WordPiece tokenizer with BERT's special tokens, saved under `out_dir`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+def wordpiece_backend(texts: Sequence[str], vocab_size: int):
+    """An uncased WordPiece with BERT's special tokens, as a `tokenizers.Tokenizer`."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
     vocab = wordpiece_vocab(texts, vocab_size)
-    tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+    tok = Backend(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     tok.post_processor = processors.BertProcessing(("[SEP]", vocab.index("[SEP]")),
                                                    ("[CLS]", vocab.index("[CLS]")))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    save_tokenizer(fast, out_dir)
+    return tok
+
+
+WORDPIECE_SPECIALS = {"unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                      "sep_token": "[SEP]", "mask_token": "[MASK]"}
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int, out_dir: str):
+    """An uncased WordPiece tokenizer with BERT's special tokens, saved under `out_dir`."""
+    save_tokenizer(Tokenizer.new(wordpiece_backend(texts, vocab_size), WORDPIECE_SPECIALS), out_dir)
     return load_tokenizer(out_dir)
 
 
