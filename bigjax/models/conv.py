@@ -30,7 +30,7 @@ _DIMS = ("NHWC", "HWIO", "NHWC")
 PATCH_CHUNK_BYTES = 32 << 20  # patches of one chunk of the batch: big matmuls, little memory
 SHIFTED_CHUNK_BYTES = 8 << 20  # both shifted operands of a chunk: measured faster than 32 MB
 MAX_CHUNKS = 16  # chunks are unrolled: more would only grow the program (and its compile time)
-STRIDE1_FILTER_GRAD = "shifted"  # or "patches" (the first version), for bench/conv_bench.py
+STRIDE1_FILTER_GRAD = "shifted"  # or "patches" (the first version): bench/resnet_vs_torchvision.py
 
 
 def resolve_impl(impl: str) -> str:
