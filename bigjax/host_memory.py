@@ -14,10 +14,24 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.util
+import os
 import sys
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# jax's accelerator plugins: where one is installed the step's temporaries live on the device
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin",
+                        "jax_rocm7_plugin", "libtpu")
+
+
+def runs_on_cpu() -> bool:
+    """Whether jax will compute on the host's CPU: JAX_PLATFORMS says cpu, or names nothing and no
+    accelerator plugin is installed (looked up, not imported: jax must not start yet)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return platforms.split(",")[0].strip() == "cpu"
+    return not any(importlib.util.find_spec(m) for m in _ACCELERATOR_PLUGINS)
 
 
 def keep_freed_host_memory() -> bool:

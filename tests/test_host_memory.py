@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import jax
+
+from bigjax import host_memory
+
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 # A fresh interpreter (malloc's arena choices are per process, fixed on first use): allocate and
@@ -35,3 +39,12 @@ def test_freed_memory_is_reused_without_page_faults():
     default, kept = faults("default"), faults("keep")
     assert default > 100, default
     assert kept < 10, kept
+
+
+def test_runs_on_cpu_follows_jax_platforms(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not host_memory.runs_on_cpu()
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert host_memory.runs_on_cpu()
+    monkeypatch.delenv("JAX_PLATFORMS")  # then: no accelerator plugin installed on this machine
+    assert host_memory.runs_on_cpu() == (jax.default_backend() == "cpu")
