@@ -33,8 +33,9 @@ def both_ways(x, w, stride, g):
 
 # (image size, C in, C out, k, stride): a 3x3 stride-2 on an odd size (the last row and column
 # are only ever padding's neighbours), ResNet's 1x1 downsample, the imagenet 7x7 stem (patch
-# matrices); a 3x3 and a 5x5 stride-1 on non-square images (shifted copies: a mix-up of the
-# height and width shifts, or of i and k - 1 - i, would show)
+# matrices); a 3x3 and a 5x5 stride-1 on non-square images (shifted copies, forced on these small
+# sizes: a mix-up of the height and width shifts, or of i and k - 1 - i, would show); the cnn
+# test below runs stride 1 through the patch matrix (8x8 images: below SHIFTED_MIN_ROWS)
 SHAPES = [((9, 9), 4, 6, 3, 2), ((8, 8), 4, 6, 1, 2), ((12, 12), 3, 4, 7, 2), ((7, 5), 4, 6, 3, 1),
           ((6, 9), 3, 5, 5, 1)]
 
@@ -43,6 +44,7 @@ SHAPES = [((9, 9), 4, 6, 3, 2), ((8, 8), 4, 6, 1, 2), ((12, 12), 3, 4, 7, 2), ((
 def test_im2col_equals_xla_outputs_and_gradients(size, c_in, c_out, k, stride, monkeypatch):
     monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 1)  # a chunk per image (6 <= MAX_CHUNKS)
     monkeypatch.setattr(conv, "SHIFTED_CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv, "SHIFTED_MIN_ROWS", 0)  # shifted copies on these small images too
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (6, *size, c_in))
     w = jax.random.normal(kw, (k, k, c_in, c_out)) / (k * k * c_in) ** 0.5

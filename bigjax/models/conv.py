@@ -6,10 +6,11 @@ width) is lowered to an Eigen spatial convolution whose "kernel" is the whole im
 few GFLOP/s, 10-20x slower than the forward pass, and was most of a ResNet-18 training step
 (notes/issue-12-perf.md). `im2col` keeps the forward pass and the input gradient as XLA
 convolutions (fast on CPU, so the outputs are the very numbers `xla` gives) and computes only the
-filter gradient as matrix products, in chunks of the batch: for stride 1 over k width-shifted
-copies of the input against k height-shifted copies of the output gradient (2k copies instead of
-the k*k of a patch matrix; `_filter_grad_shifted`), for larger strides over image patches
-(`_filter_grad_patches`); a 1x1 convolution is a plain matrix product throughout.
+filter gradient as matrix products, in chunks of the batch: for stride 1 on images of 8 rows per
+padding row or more, over k width-shifted copies of the input against k height-shifted copies of
+the output gradient (2k copies instead of the k*k of a patch matrix; `_filter_grad_shifted`),
+otherwise over image patches (`_filter_grad_patches`); a 1x1 convolution is a plain matrix
+product throughout.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ PATCH_CHUNK_BYTES = 32 << 20  # patches of one chunk of the batch: big matmuls, 
 SHIFTED_CHUNK_BYTES = 8 << 20  # both shifted operands of a chunk: measured faster than 32 MB
 MAX_CHUNKS = 16  # chunks are unrolled: more would only grow the program (and its compile time)
 STRIDE1_FILTER_GRAD = "shifted"  # or "patches" (the first version): bench/resnet_vs_torchvision.py
+# shifted copies carry k - 1 rows of padding per image into their product: worth it from 8 output
+# rows per padding row (32x32 1.76x and 16x16 1.36x faster than patches; 8x8 even, 4x4 0.65x)
+SHIFTED_MIN_ROWS = 8
 
 
 def resolve_impl(impl: str) -> str:
@@ -105,12 +109,14 @@ def _taps(x_p, k: int, stride: int, h_out: int, w_out: int) -> list[jax.Array]:
 
 def filter_grad(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int, stride: int) -> jax.Array:
     """dL/dW (k x k x C x O, float32) of `conv2d` from its input and output gradient, as matrix
-    products over chunks of the batch: shifted copies for stride 1, a patch matrix otherwise.
+    products over chunks of the batch: shifted copies for stride 1 and at least
+    SHIFTED_MIN_ROWS * (k - 1) output rows, a patch matrix otherwise.
     Chunk s takes images s, s + n, s + 2n, ... (a strided slice the copies read in place; a batch
     sharded over devices stays spread over all of them, each device contracting its own rows).
     The chunks are unrolled, not scanned: a scan needed the batch transposed to chunk-major
     first, two copies of x and dy that cost 1.46x in a ResNet-18 step."""
-    if stride == 1 and STRIDE1_FILTER_GRAD == "shifted":
+    if (stride == 1 and STRIDE1_FILTER_GRAD == "shifted"
+            and dy_BHWO.shape[1] >= SHIFTED_MIN_ROWS * (k - 1)):
         return _filter_grad_shifted(x_BHWC, dy_BHWO, k)
     return _filter_grad_patches(x_BHWC, dy_BHWO, k, stride)
 
