@@ -135,7 +135,7 @@ def _filter_grad_shifted(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int) -> jax.A
     against the output gradient padded by i rows above and k - 1 - i below, k of them side by
     side (B, H + k - 1, W, k*O), contract over batch and rows to [(j, c), (i, o)]: the height
     shift rides on the padding, so one product gives all k*k taps from 2k copies where a patch
-    matrix needs k*k (stage 1 of a CIFAR ResNet: 101 MB written instead of 151 MB, one
+    matrix needs k*k (stage 1 of a CIFAR ResNet: 107 MB written instead of 151 MB, one
     (k*C) x (k*O) product instead of (k*k*C) x O)."""
     b, h, w, o = dy_BHWO.shape
     c, p = x_BHWC.shape[-1], k // 2
