@@ -34,11 +34,11 @@ def faults(mode: str) -> int:
 
 
 def test_freed_memory_is_reused_without_page_faults():
-    # 64 MB is 16,384 pages of 4 KB: faulted anew each round by default (544 here with transparent
-    # huge pages); kept, the third round touches pages already mapped (0 here)
+    # 64 MB is 16,384 pages of 4 KB, or 32 of 2 MB with transparent huge pages: faulted anew each
+    # round by default (544 here); kept, the third round touches pages already mapped (0 here)
     default, kept = faults("default"), faults("keep")
-    assert default > 100, default
-    assert kept < 10, kept
+    assert default >= 16, default
+    assert kept <= 2, kept
 
 
 def test_runs_on_cpu_follows_jax_platforms(monkeypatch):
