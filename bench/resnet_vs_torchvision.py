@@ -3,6 +3,8 @@
     .venv/bin/python bench/resnet_vs_torchvision.py                    # batch 64, 32x32, cifar stem
     .venv/bin/python bench/resnet_vs_torchvision.py --rounds 1 --chunk 1 --batch 8   # smoke run
     .venv/bin/python bench/resnet_vs_torchvision.py --conv-impl im2col xla   # bigjax before/after
+    .venv/bin/python bench/resnet_vs_torchvision.py --conv-impl im2col im2col-patches
+    .venv/bin/python bench/resnet_vs_torchvision.py --keep-host-memory   # as `bigjax train` runs
 
 Both train the same network (ResNet-18, float32, the 3x3 CIFAR stem unless `--stem imagenet`;
 torchvision's model with conv1 replaced and the max-pool removed) with SGD (momentum 0.9, Nesterov,
@@ -10,7 +12,14 @@ weight decay 5e-4) and cross-entropy on the same random batch of `--batch` 32x32
 measurements alternate, `--chunk` steps of one then of the other, `--rounds` times, after one
 untimed warm-up chunk each (compilation), so both see the same machine load; the script prints
 the median seconds per step of each, images/s and the ratio bigjax / PyTorch. `--conv-impl A B`
-times one bigjax per `model.conv_impl` (bigjax/models/conv.py) in the same alternation.
+times one bigjax per `model.conv_impl` (bigjax/models/conv.py) in the same alternation;
+`im2col-patches` is `im2col` with the stride-1 filter gradients from a patch matrix (the first
+version, `conv.STRIDE1_FILTER_GRAD = "patches"`) instead of shifted copies. Besides wall seconds
+the script prints CPU seconds (user + system, all threads) per step: less sensitive to other
+processes on a shared machine than wall time. `--keep-host-memory` applies
+bigjax/host_memory.py's malloc settings (what `bigjax` commands do) to the whole process, both
+systems included, before jax starts; the settings cannot be undone in a process, so compare
+runs with and without it by their CPU seconds.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))  # torchvision_ref: torchvision on a CPU torch
+
+if "--keep-host-memory" in sys.argv:  # before jax starts its threads (see host_memory.py)
+    from bigjax.host_memory import keep_freed_host_memory
+    keep_freed_host_memory()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -53,6 +66,9 @@ def torch_side(args, x, y):
 def bigjax_side(args, x, y, conv_impl: str):
     from bigjax.build import one_device
     from bigjax.config import load_config
+    from bigjax.models import conv
+    method = "patches" if conv_impl == "im2col-patches" else "shifted"
+    conv_impl = conv_impl.removesuffix("-patches")
     cfg = load_config(os.path.join(ROOT, "configs/resnet18_cifar10.yaml"), [
         f"model.stem={args.stem}", "model.image_height=32", "model.image_width=32",
         "model.image_channels=3", "task.num_labels=10", f"train.batch_size={args.batch}",
@@ -62,20 +78,27 @@ def bigjax_side(args, x, y, conv_impl: str):
     state = [parts.init_state()]
     batch = jax.device_put({"images": x, "labels": y, "weights": np.ones(len(y), np.float32)},
                            parts.batch_sharding)
+    conv.STRIDE1_FILTER_GRAD, default = method, conv.STRIDE1_FILTER_GRAD  # read while tracing
+    try:
+        train_step = parts.train_step.lower(state[0], batch).compile()
+    finally:
+        conv.STRIDE1_FILTER_GRAD = default
 
     def step():
-        state[0], metrics = parts.train_step(state[0], batch)
+        state[0], metrics = train_step(state[0], batch)
         return float(metrics["loss_sum"]) / float(metrics["weight"])  # waits for the step
     return step
 
 
-def timed(step, n: int) -> list[float]:
-    out = []
+def timed(step, n: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (process_time: user + system of all threads) seconds of each of n steps."""
+    wall, cpu = [], []
     for _ in range(n):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         step()
-        out.append(time.perf_counter() - t)
-    return out
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return wall, cpu
 
 
 def main() -> None:
@@ -84,15 +107,19 @@ def main() -> None:
     p.add_argument("--stem", choices=["cifar", "imagenet"], default="cifar")
     p.add_argument("--chunk", type=int, default=3, help="steps of one system before switching")
     p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--conv-impl", nargs="+", default=["auto"], choices=["auto", "xla", "im2col"],
+    p.add_argument("--conv-impl", nargs="+", default=["auto"],
+                   choices=["auto", "xla", "im2col", "im2col-patches"],
                    help="model.conv_impl of each bigjax timed (one system per value)")
+    p.add_argument("--keep-host-memory", action="store_true",
+                   help="bigjax/host_memory.py's malloc settings for the whole process")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, args.batch).astype(np.int32)
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} "
-          f"on {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}", flush=True)
+          f"on {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}; "
+          f"keep-host-memory {args.keep_host_memory}", flush=True)
     steps = {"pytorch": torch_side(args, x, y)}
     for impl in args.conv_impl:
         steps["bigjax" if len(args.conv_impl) == 1 else f"bigjax[{impl}]"] = bigjax_side(
@@ -101,16 +128,20 @@ def main() -> None:
     first = {k: s() for k, s in steps.items()}  # warm-up: bigjax compiles here
     print(f"first losses {first} (warm-up {time.perf_counter() - t:.1f} s)", flush=True)
     times: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(args.rounds):
         for k, s in steps.items():
-            times[k] += timed(s, args.chunk)
+            wall, c = timed(s, args.chunk)
+            times[k] += wall
+            cpu[k] += c
     med = {k: statistics.median(v) for k, v in times.items()}
     for k in steps:
         print(f"{k}: median {med[k]:.3f} s/step over {len(times[k])} steps, "
-              f"{args.batch / med[k]:.1f} images/s", flush=True)
+              f"{args.batch / med[k]:.1f} images/s; CPU {statistics.median(cpu[k]):.3f} s/step",
+              flush=True)
     for k in list(steps)[1:]:
         print(f"ratio {k}/pytorch images/s: {med['pytorch'] / med[k]:.2f}", flush=True)
-    if len(args.conv_impl) == 2:
+    if len(args.conv_impl) == 2:  # the first against the second
         a, b = (f"bigjax[{i}]" for i in args.conv_impl)
         print(f"ratio {a}/{b} images/s: {med[b] / med[a]:.2f}", flush=True)
     print(f"load average {os.getloadavg()[0]:.1f} at the end", flush=True)

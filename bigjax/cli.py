@@ -8,6 +8,7 @@ import os
 import sys
 
 from bigjax.errors import BigjaxError
+from bigjax.host_memory import keep_freed_host_memory, runs_on_cpu
 
 TRAIN_HELP = """\
 Train a model from a YAML config.
@@ -410,6 +411,10 @@ COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoint
 
 
 def main(argv: list[str] | None = None) -> None:
+    # before jax starts: XLA:CPU's per-step temporaries reuse pages instead of faulting them in
+    # (on accelerators they live on the device; keep the host's malloc as it is there)
+    if runs_on_cpu():
+        keep_freed_host_memory()
     code = run(argv)
     if code in (2, 130):
         # An error or a second signal: the trainer has already let any good save finish. Don't

@@ -32,19 +32,24 @@ def both_ways(x, w, stride, g):
 
 
 # (image size, C in, C out, k, stride): a 3x3 stride-2 on an odd size (the last row and column
-# are only ever padding's neighbours), ResNet's 1x1 downsample, the imagenet 7x7 stem; the 3x3
-# stride-1 case runs inside the cnn test below
-SHAPES = [(9, 4, 6, 3, 2), (8, 4, 6, 1, 2), (12, 3, 4, 7, 2)]
+# are only ever padding's neighbours), ResNet's 1x1 downsample, the imagenet 7x7 stem (patch
+# matrices); a 3x3 and a 5x5 stride-1 on non-square images (shifted copies, forced on these small
+# sizes: a mix-up of the height and width shifts, or of i and k - 1 - i, would show); the cnn
+# test below runs stride 1 through the patch matrix (8x8 images: below SHIFTED_MIN_ROWS)
+SHAPES = [((9, 9), 4, 6, 3, 2), ((8, 8), 4, 6, 1, 2), ((12, 12), 3, 4, 7, 2), ((7, 5), 4, 6, 3, 1),
+          ((6, 9), 3, 5, 5, 1)]
 
 
 @pytest.mark.parametrize("size,c_in,c_out,k,stride", SHAPES)
 def test_im2col_equals_xla_outputs_and_gradients(size, c_in, c_out, k, stride, monkeypatch):
     monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 1)  # a chunk per image (6 <= MAX_CHUNKS)
+    monkeypatch.setattr(conv, "SHIFTED_CHUNK_BYTES", 1)
+    monkeypatch.setattr(conv, "SHIFTED_MIN_ROWS", 0)  # shifted copies on these small images too
     kx, kw = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (6, size, size, c_in))
+    x = jax.random.normal(kx, (6, *size, c_in))
     w = jax.random.normal(kw, (k, k, c_in, c_out)) / (k * k * c_in) ** 0.5
-    size_out = (size + 2 * (k // 2) - k) // stride + 1
-    g = jax.random.normal(jax.random.key(2), (6, size_out, size_out, c_out))  # a fixed cotangent
+    size_out = [(n + 2 * (k // 2) - k) // stride + 1 for n in size]
+    g = jax.random.normal(jax.random.key(2), (6, *size_out, c_out))  # a fixed cotangent
     (y_ref, dx_ref, dw_ref), (y, dx, dw) = jax.jit(both_ways, static_argnums=2)(x, w, stride, g)
     assert y.shape == y_ref.shape
     # float32 sums of at most 6*12*12 = 864 products of O(1) terms: summation-order differences
@@ -57,16 +62,22 @@ def test_im2col_equals_xla_outputs_and_gradients(size, c_in, c_out, k, stride, m
         np.testing.assert_array_equal(dx, dx_ref)
 
 
-def test_filter_grad_under_a_sharded_batch_equals_one_device(monkeypatch):
+@pytest.mark.parametrize("method", ["shifted", "patches"])
+def test_filter_grad_under_a_sharded_batch_equals_one_device(method, monkeypatch):
     """The batch sharded over the 8 test devices (an Auto mesh, as bigjax/mesh.py makes), in two
     chunks of 8 images: each chunk's rows are spread over all devices and the partial filter
-    gradients are summed across them, so the result is the one-device one."""
+    gradients are summed across them, so the result is the one-device one. Both stride-1
+    methods: shifted copies (the default) and the patch matrix."""
     monkeypatch.setattr(conv, "PATCH_CHUNK_BYTES", 8 * 8 * 8 * 9 * 4 * 4)  # 8 images' patches
+    monkeypatch.setattr(conv, "SHIFTED_CHUNK_BYTES", 8 * 10 * 8 * 3 * 9 * 4)  # 8 images' copies
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     kx, kd = jax.random.split(jax.random.key(1))
     x = jax.random.normal(kx, (16, 8, 8, 4))
     dy = jax.random.normal(kd, (16, 8, 8, 5))
-    grad = jax.jit(conv.filter_grad, static_argnums=(2, 3))
+    # the method's own function: jit caches by function, so a patched STRIDE1_FILTER_GRAD would
+    # reuse the first method's compiled program
+    grad = jax.jit({"shifted": lambda x, dy, k, s: conv._filter_grad_shifted(x, dy, k),
+                    "patches": conv._filter_grad_patches}[method], static_argnums=(2, 3))
     one = grad(x, dy, 3, 1)
     sharding = NamedSharding(mesh, P("data"))
     sharded = grad(jax.device_put(x, sharding), jax.device_put(dy, sharding), 3, 1)

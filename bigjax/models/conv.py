@@ -6,8 +6,11 @@ width) is lowered to an Eigen spatial convolution whose "kernel" is the whole im
 few GFLOP/s, 10-20x slower than the forward pass, and was most of a ResNet-18 training step
 (notes/issue-12-perf.md). `im2col` keeps the forward pass and the input gradient as XLA
 convolutions (fast on CPU, so the outputs are the very numbers `xla` gives) and computes only the
-filter gradient as matrix products over image patches, in chunks of the batch so that the patches
-of a chunk stay at most 32 MB; a 1x1 convolution is a plain matrix product throughout.
+filter gradient as matrix products, in chunks of the batch: for stride 1 on images of 8 rows per
+padding row or more, over k width-shifted copies of the input against k height-shifted copies of
+the output gradient (2k copies instead of the k*k of a patch matrix; `_filter_grad_shifted`),
+otherwise over image patches (`_filter_grad_patches`); a 1x1 convolution is a plain matrix
+product throughout.
 """
 
 from __future__ import annotations
@@ -26,7 +29,12 @@ ConvImpl = Literal["auto", "xla", "im2col"]
 IMPLS = ("auto", "xla", "im2col")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 PATCH_CHUNK_BYTES = 32 << 20  # patches of one chunk of the batch: big matmuls, little memory
+SHIFTED_CHUNK_BYTES = 8 << 20  # both shifted operands of a chunk: measured faster than 32 MB
 MAX_CHUNKS = 16  # chunks are unrolled: more would only grow the program (and its compile time)
+STRIDE1_FILTER_GRAD = "shifted"  # or "patches" (the first version): bench/resnet_vs_torchvision.py
+# shifted copies carry k - 1 rows of padding per image into their product: worth it from 8 output
+# rows per padding row (32x32 1.76x and 16x16 1.36x faster than patches; 8x8 even, 4x4 0.65x)
+SHIFTED_MIN_ROWS = 8
 
 
 def resolve_impl(impl: str) -> str:
@@ -100,19 +108,60 @@ def _taps(x_p, k: int, stride: int, h_out: int, w_out: int) -> list[jax.Array]:
 
 
 def filter_grad(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int, stride: int) -> jax.Array:
-    """dL/dW (k x k x C x O, float32) of `conv2d` from its input and output gradient:
-    sum over batch and output pixels of patch(x)^T dy, as one patch matrix x dy product per chunk of
-    the batch. Chunk s takes images s, s + n, s + 2n, ... (a strided slice the patch concatenation
-    reads in place; a batch sharded over devices stays spread over all of them, each device
-    contracting its own rows). The chunks are unrolled, not scanned: a scan needed the batch
-    transposed to chunk-major first, two copies of x and dy that cost 1.46x in a ResNet-18 step."""
+    """dL/dW (k x k x C x O, float32) of `conv2d` from its input and output gradient, as matrix
+    products over chunks of the batch: shifted copies for stride 1 and at least
+    SHIFTED_MIN_ROWS * (k - 1) output rows, a patch matrix otherwise.
+    Chunk s takes images s, s + n, s + 2n, ... (a strided slice the copies read in place; a batch
+    sharded over devices stays spread over all of them, each device contracting its own rows).
+    The chunks are unrolled, not scanned: a scan needed the batch transposed to chunk-major
+    first, two copies of x and dy that cost 1.46x in a ResNet-18 step."""
+    if (stride == 1 and STRIDE1_FILTER_GRAD == "shifted"
+            and dy_BHWO.shape[1] >= SHIFTED_MIN_ROWS * (k - 1)):
+        return _filter_grad_shifted(x_BHWC, dy_BHWO, k)
+    return _filter_grad_patches(x_BHWC, dy_BHWO, k, stride)
+
+
+def _num_chunks(b: int, bytes_per_image: int, budget: int) -> int:
+    """The fewest equal chunks of the batch (a divisor of b, at most MAX_CHUNKS) whose operands
+    stay within `budget` bytes, or the most chunks allowed."""
+    needed = min(-(-b * bytes_per_image // budget), MAX_CHUNKS)
+    divisors = [d for d in range(1, MAX_CHUNKS + 1) if b % d == 0]
+    return next((d for d in divisors if d >= needed), divisors[-1])
+
+
+def _filter_grad_shifted(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int) -> jax.Array:
+    """Stride 1: dW[i, j] = sum over n, h, w of x_p[n, h + i, w + j]^T dy[n, h, w]. The k
+    width-shifted copies of the padded input, side by side in channels (B, H + k - 1, W, k*C),
+    against the output gradient padded by i rows above and k - 1 - i below, k of them side by
+    side (B, H + k - 1, W, k*O), contract over batch and rows to [(j, c), (i, o)]: the height
+    shift rides on the padding, so one product gives all k*k taps from 2k copies where a patch
+    matrix needs k*k (stage 1 of a CIFAR ResNet: 107 MB written instead of 151 MB, one
+    (k*C) x (k*O) product instead of (k*k*C) x O)."""
+    b, h, w, o = dy_BHWO.shape
+    c, p = x_BHWC.shape[-1], k // 2
+    x_p = jnp.pad(x_BHWC, ((0, 0), (p, p), (p, p), (0, 0)))
+    n = _num_chunks(b, (h + k - 1) * w * k * (c + o) * x_BHWC.dtype.itemsize, SHIFTED_CHUNK_BYTES)
+    x_chunks = x_p.reshape(b // n, n, *x_p.shape[1:])
+    dy_chunks = dy_BHWO.reshape(b // n, n, h, w, o)
+    acc = jnp.zeros((k * c, k * o), jnp.float32)
+    for s in range(n):
+        xs, dys = x_chunks[:, s], dy_chunks[:, s]
+        x_shift = jnp.concatenate([xs[:, :, j:j + w] for j in range(k)], -1)
+        dy_shift = jnp.concatenate(
+            [jnp.pad(dys, ((0, 0), (i, k - 1 - i), (0, 0), (0, 0))) for i in range(k)], -1)
+        acc += lax.dot_general(x_shift.reshape(-1, k * c), dy_shift.reshape(-1, k * o),
+                               (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return acc.reshape(k, c, k, o).transpose(2, 0, 1, 3)  # [j, c, i, o] -> HWIO
+
+
+def _filter_grad_patches(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int, stride: int) -> jax.Array:
+    """Any stride: sum over batch and output pixels of patch(x)^T dy, one patch matrix (at most
+    PATCH_CHUNK_BYTES) x dy product per chunk of the batch."""
     b, h_out, w_out, o = dy_BHWO.shape
     c, p = x_BHWC.shape[-1], k // 2
     x_p = jnp.pad(x_BHWC, ((0, 0), (p, p), (p, p), (0, 0)))
     per_image = h_out * w_out * k * k * c * x_BHWC.dtype.itemsize
-    needed = min(-(-b * per_image // PATCH_CHUNK_BYTES), MAX_CHUNKS)
-    divisors = [d for d in range(1, MAX_CHUNKS + 1) if b % d == 0]
-    n = next((d for d in divisors if d >= needed), divisors[-1])  # chunks of equal size
+    n = _num_chunks(b, per_image, PATCH_CHUNK_BYTES)
     x_chunks = x_p.reshape(b // n, n, *x_p.shape[1:])
     dy_chunks = dy_BHWO.reshape(b // n, n, h_out, w_out, o)
     acc = jnp.zeros((k * k * c, o), jnp.float32)
