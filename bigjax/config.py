@@ -628,7 +628,8 @@ def eval_batch_size(cfg: Config) -> int:
     `example_len` that fit one row when packing, so evaluation batches hold about as many
     tokens as training ones (evaluation stays unpacked: one padded text per row)."""
     rows = cfg.train.batch_size // cfg.train.grad_accum
-    return rows * max(1, cfg.train.seq_len // example_len(cfg)) if packs_examples(cfg) else rows
+    return rows * max(1, round(cfg.train.seq_len / example_len(cfg))) if packs_examples(cfg) \
+        else rows
 
 
 def init_run_dir(source: str) -> str:

@@ -121,6 +121,7 @@ def test_packed_train_step_has_the_unpacked_loss_and_gradients():
     cfg = load_config(None, TINY + ["model.pooling=mean"])
     source = texts(24, seed=3)
     batch, _ = packed(source)
+    assert (batch["weights"] == 0).sum() == 4  # empty slots, weighing nothing
     m_packed, p_packed, before = step_outputs(cfg, batch)
     m_plain, p_plain, _ = step_outputs(cfg, unpacked(source))
     assert m_packed["weight"] == m_plain["weight"] == 24  # the mean is over real texts only
@@ -193,3 +194,46 @@ def test_packing_where_it_cannot_work_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "model.name=cnn cannot read apart" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_a_distillation_step_on_packed_rows_is_the_tempered_kl_of_each_text():
+    from types import SimpleNamespace
+
+    from bigjax.distill import Distill
+    # the student (seed 0) learns from another model of the same shape (seed 7) on packed rows
+    cfg = load_config(None, TINY + ["task.name=distill", "task.teacher=unused", "task.alpha=0.5",
+                                    "task.temperature=2.0"])
+    t_cfg = load_config(None, TINY + ["seed=7"])
+    _, t_params, _ = nnx.split(create_model(t_cfg, nnx.Rngs(params=7)), nnx.Param, ...)
+    task = Distill("classification", 3, 2.0, 0.5,
+                   teacher=SimpleNamespace(spec=model_spec(t_cfg), rest={}))
+    source = texts(24, seed=6)  # 7 rows, 4 empty slots
+    batch, rows = packed(source)
+    spec = model_spec(cfg)
+    student = create_model(cfg, nnx.Rngs(params=0))
+    _, params, _ = nnx.split(student, nnx.Param, ...)
+    params = nnx.to_pure_dict(params)
+    tx = optax.sgd(1.0)
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                       model_state={})
+    step = jax.jit(make_train_step(spec, task, tx, optax.constant_schedule(1.0), grad_accum=1,
+                                   seed=0, train=False))
+    _, m = step(state, jax.tree.map(jnp.asarray, batch), nnx.to_pure_dict(t_params))
+    # the reference: each text alone, one padded text per row, through both models
+    order = np.concatenate(rows)
+    st = logits(student, unpacked(source)).astype(np.float64)[order]
+    te = logits(nnx.merge(*nnx.split(create_model(t_cfg, nnx.Rngs(params=7)))),
+                unpacked(source)).astype(np.float64)[order]
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+    lt, ls = log_softmax(te / 2), log_softmax(st / 2)
+    soft = 4 * (np.exp(lt) * (lt - ls)).sum()
+    hard = -log_softmax(st)[np.arange(24), source.arrays["labels"][order]].sum()
+    # float32 step against float64 numpy over 24 texts: 1e-5 relative; an empty slot counted,
+    # or the teacher reading the rows as one text, moves them by more than a text's share (~4%)
+    assert float(m["weight"]) == 24 and (batch["weights"] == 0).any()
+    assert float(m["soft_loss_sum"]) == pytest.approx(soft, rel=1e-5) and soft > 1.0
+    assert float(m["hard_loss_sum"]) == pytest.approx(hard, rel=1e-5)
+    assert float(m["loss_sum"]) == pytest.approx(0.5 * soft + 0.5 * hard, rel=1e-5)
