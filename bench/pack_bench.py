@@ -1,9 +1,9 @@
-"""Packed vs padded classification steps on real data: the same model and optimizer, the config's
-packed rows (`data.examples_per_row` > 1) against one padded text per row, timed alternately in
-one process so both see the same machine load.
+"""Packed vs padded classification steps on real data: the same model and optimizer, packed rows
+(`--packed`, `data.examples_per_row` > 1) against one padded text per row (`--padded`), both
+over the config, timed alternately in one process so both see the same machine load.
 
     .venv/bin/python bench/pack_bench.py configs/minilm_sentiment.yaml --steps 20 \\
-        --padded "train.seq_len=48 train.batch_size=32" init.from=hf:DIR data.source=CSV
+        init.from=hf:DIR data.source=CSV
 
 Prints the median step time of each, texts per step (the weights' sum) and texts per second, and
 their ratios. The steps are the trainer's compiled train step on the loader's batches (already on
@@ -38,15 +38,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
     p.add_argument("--steps", type=int, default=20, help="timed steps of each system")
-    p.add_argument("--padded", default="train.seq_len=48 train.batch_size=32",
-                   help="overrides of the padded system besides data.examples_per_row=1 "
-                        "(one string, space-separated)")
+    # ~32 tweets per step either way (README "Packing short texts")
+    p.add_argument("--packed", default="data.examples_per_row=8 data.max_example_len=48 "
+                   "train.seq_len=128 train.batch_size=8",
+                   help="overrides of the packed system (one string, space-separated)")
+    p.add_argument("--padded", default="data.examples_per_row=1 data.max_example_len=0 "
+                   "train.seq_len=48 train.batch_size=32",
+                   help="overrides of the padded system (one string, space-separated)")
     p.add_argument("overrides", nargs="*", help="overrides of both, e.g. data.source=CSV")
     args = p.parse_intermixed_args()
     systems = {
-        "packed": system(args.config, args.overrides),
-        "padded": system(args.config, [*args.overrides, "data.examples_per_row=1",
-                                       "data.max_example_len=0", *args.padded.split()]),
+        "packed": system(args.config, [*args.overrides, *args.packed.split()]),
+        "padded": system(args.config, [*args.overrides, *args.padded.split()]),
     }
     times: dict[str, list[float]] = {k: [] for k in systems}
     texts: dict[str, list[float]] = {k: [] for k in systems}
