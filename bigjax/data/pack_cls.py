@@ -32,7 +32,7 @@ import numpy as np
 
 from bigjax.data.types import ArrayExamples, Example
 
-WINDOW = 64  # open rows first fit may choose from: at 8x128-token rows of tweets, 97% of tokens real
+WINDOW = 64  # open rows first fit chooses from: 98% of the tokens real at 8 x 128 tweets
 TOKEN_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
