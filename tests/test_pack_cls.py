@@ -26,7 +26,9 @@ from bigjax.tasks import classifier_logits, make_task
 ROW, K, TEXT = 40, 4, 16  # row tokens, texts per row, tokens per text at most
 TINY = ["model.name=bert", "model.vocab_size=64", "model.d_model=32", "model.n_heads=4",
         "model.d_ff=64", "model.n_layers=2", f"model.max_seq_len={TEXT}", "model.dropout=0",
-        "model.norm_eps=1e-12", "model.init_std=0.3", "task.name=classification", "task.num_labels=3",
+        # init_std 0.3: logits of ~2 (0.02 gives ~0.01, against which 1e-5 would say little)
+        "model.norm_eps=1e-12", "model.init_std=0.3", "task.name=classification",
+        "task.num_labels=3",
         f"train.seq_len={ROW}", f"data.examples_per_row={K}", f"data.max_example_len={TEXT}"]
 
 
