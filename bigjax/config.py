@@ -74,6 +74,12 @@ class DataConfig:
     vocab_size: int = 4096  # for a tokenizer that bigjax trains
     max_chars: int = 4_000_000  # cap on the builtin corpus size
     pack: bool = True  # LM: concatenate documents and cut fixed-length windows; false = pad each
+    # classification: up to this many texts share one training row of train.seq_len tokens
+    # (segment ids keep them apart; train.batch_size counts rows); 1 = one padded text per row
+    examples_per_row: int = 1
+    # classification with examples_per_row > 1: each text truncated to this many tokens ([CLS]
+    # and [SEP] included) and evaluated padded to it; 0 = train.seq_len
+    max_example_len: int = 0
     on_bad_rows: Literal["skip", "error"] = "skip"  # rows not UTF-8/JSON: skip and count, or fail
     shuffle: bool = True
     workers: int = 0  # grain worker processes; 0 = in the main process
@@ -459,6 +465,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"checkpoint.every must be 0 (only at the end) or a number of steps, "
                           f"got {cfg.checkpoint.every}")
     _validate_data(cfg.data)
+    _validate_packing(cfg)
     require_positive({
         "train.steps": t.steps, "train.batch_size": t.batch_size, "train.seq_len": t.seq_len,
         "train.grad_accum": t.grad_accum, "train.log_every": t.log_every,
@@ -563,6 +570,66 @@ def _validate_data(d: DataConfig) -> None:
         raise ConfigError(f"data.source '{d.source}': unknown scheme (expected builtin:pydocs, "
                           "tfds:NAME[/CONFIG], sklearn:digits, a file path/glob or a prepared "
                           "dir's gs:// or s3:// URI)")
+
+
+def _validate_packing(cfg: Config) -> None:
+    d, seq_len = cfg.data, cfg.train.seq_len
+    if d.examples_per_row < 1:
+        raise ConfigError(f"data.examples_per_row must be at least 1 (1 = no packing), got "
+                          f"{d.examples_per_row}")
+    if d.max_example_len < 0:
+        raise ConfigError(f"data.max_example_len must be 0 (= train.seq_len) or more, got "
+                          f"{d.max_example_len}")
+    if d.max_example_len and d.examples_per_row == 1:
+        raise ConfigError(f"data.max_example_len={d.max_example_len} applies to packed rows only; "
+                          "set data.examples_per_row > 1 (texts per row), or leave it 0 and set "
+                          "train.seq_len")
+    if d.max_example_len > seq_len:
+        raise ConfigError(f"data.max_example_len={d.max_example_len} exceeds train.seq_len="
+                          f"{seq_len}, the row length it is packed into; at most {seq_len}")
+    if d.examples_per_row == 1:
+        return
+    if example_len(cfg) < 3:
+        raise ConfigError(f"data.max_example_len={example_len(cfg)} leaves no room for a token "
+                          "between [CLS] and [SEP]; at least 3")
+    from bigjax import registry  # names only, as _schema
+    try:
+        batches = registry.data_builder(registry.task(cfg.task.name).data_name(cfg)).batches
+    except ConfigError:  # an unknown builder fails where the data is built, with its own message
+        batches = "classification"
+    if batches != "classification":
+        raise ConfigError(f"data.examples_per_row={d.examples_per_row} packs classification "
+                          f"texts, but task.name={cfg.task.name} reads {batches} batches (LM "
+                          "documents are packed by data.pack); set data.examples_per_row=1")
+    if not getattr(cfg.model, "reads_packed_rows", False):
+        able = [n for n in registry.names("model")
+                if getattr(registry.model(n).config, "reads_packed_rows", False)]
+        raise ConfigError(f"data.examples_per_row={d.examples_per_row} packs several texts per "
+                          f"row, which model.name={cfg.model.name} cannot read apart (no segment "
+                          f"ids); packing works with model.name {' or '.join(able)}, or set "
+                          "data.examples_per_row=1")
+
+
+def packs_examples(cfg: Config) -> bool:
+    """Classification training rows hold several texts each (`data.examples_per_row` > 1)."""
+    return cfg.data.examples_per_row > 1
+
+
+def example_len(cfg: Config) -> int:
+    """Tokens of one classification text as the model reads it: `data.max_example_len` when
+    packing (0 = train.seq_len), else `train.seq_len`. Also the longest position a packed row
+    needs, since positions restart at 0 in each text."""
+    return (cfg.data.max_example_len or cfg.train.seq_len) if packs_examples(cfg) \
+        else cfg.train.seq_len
+
+
+def eval_batch_size(cfg: Config) -> int:
+    """Examples per evaluation batch: one micro-batch of training rows, times the texts of
+    `example_len` that fit one row when packing, so evaluation batches hold about as many
+    tokens as training ones (evaluation stays unpacked: one padded text per row)."""
+    rows = cfg.train.batch_size // cfg.train.grad_accum
+    return rows * max(1, round(cfg.train.seq_len / example_len(cfg))) if packs_examples(cfg) \
+        else rows
 
 
 def init_run_dir(source: str) -> str:

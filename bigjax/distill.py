@@ -26,11 +26,11 @@ import optax
 from flax import nnx
 
 from bigjax import registry
-from bigjax.config import Config, TaskConfig, derived, load_config
+from bigjax.config import Config, TaskConfig, derived, load_config, packs_examples
 from bigjax.errors import ConfigError
 from bigjax.paths import run_path, run_str
-from bigjax.tasks import (class_counts, finalize_token_stats, macro_f1, register_task,
-                          token_stats)
+from bigjax.tasks import (class_counts, classifier_logits, finalize_token_stats, macro_f1,
+                          register_task, token_stats)
 
 log = logging.getLogger("bigjax")
 
@@ -88,9 +88,8 @@ class Distill:
         return dataclasses.replace(self, teacher_params=teacher_params)
 
     def _logits(self, model, batch, rngs):
-        if self.objective == "classification":
-            return model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
-                         attention_mask=batch["attention_mask"], rngs=rngs)
+        if self.objective == "classification":  # packed rows too: the teacher reads the same
+            return classifier_logits(model, batch, rngs)
         return model(batch["inputs"], segment_ids=batch.get("segment_ids"),
                      positions=batch.get("positions"), rngs=rngs)
 
@@ -285,6 +284,11 @@ def _build_data(cfg: Config, run_dir: str):
                           f"differs from the student's ({len(vocab)} tokens); the teacher must "
                           "read the same token ids (leave data.tokenizer and init.from unset to "
                           "use the teacher's)")
+    if packs_examples(cfg) and not getattr(teacher.cfg.model, "reads_packed_rows", False):
+        raise ConfigError(f"task.teacher={teacher.source} is a model.name="
+                          f"{teacher.cfg.model.name} model, which cannot read packed rows "
+                          f"(data.examples_per_row={cfg.data.examples_per_row}); set "
+                          "data.examples_per_row=1")
     if objective == "classification":
         names = data.info["label_names"]
         if teacher.labels is not None and teacher.labels != names:

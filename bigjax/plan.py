@@ -72,6 +72,16 @@ def random_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
         positions = np.sort(np.stack([rng.choice(T, P, replace=False) for _ in range(B)]), 1)
         return {**encoder, "masked_positions": positions.astype(np.int32),
                 "targets": tokens(B, P), "weights": ones(B, P)}
+    if name == "classification" and cfg.data.examples_per_row > 1:
+        # packed rows (bigjax/data/pack_cls.py): K texts of T // K tokens each, the rest padding
+        K = cfg.data.examples_per_row
+        n = T // K
+        segment = np.where(np.arange(T) < n * K, np.arange(T) // max(n, 1) + 1, 0)
+        position = np.where(segment > 0, np.arange(T) - (segment - 1) * n, 0)
+        rows = lambda a: np.tile(a.astype(np.int32), (B, 1))
+        labels = rng.integers(0, max(cfg.task.num_labels, 1), (B, K), dtype=np.int32)
+        return {**encoder, "segment_ids": rows(segment), "position_ids": rows(position),
+                "example_starts": rows(np.arange(K) * n), "labels": labels, "weights": ones(B, K)}
     if name == "classification":
         labels = rng.integers(0, max(cfg.task.num_labels, 1), B, dtype=np.int32)
         return {**encoder, "labels": labels, "weights": ones(B)}

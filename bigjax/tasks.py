@@ -96,9 +96,23 @@ class MaskedLM:
         return finalize_token_stats(sums)
 
 
+PACKED_KEYS = ("segment_ids", "position_ids", "example_starts")  # bigjax/data/pack_cls.py
+
+
+def classifier_logits(model, batch: Batch, rngs) -> jax.Array:
+    """B×C logits of a classification batch, or R×K×C of packed rows (several texts per row:
+    the keys of PACKED_KEYS, and labels and weights R×K), which only a family that
+    `reads_packed_rows` is given (config validation)."""
+    packed = {k: batch[k] for k in PACKED_KEYS if k in batch}
+    return model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
+                 attention_mask=batch["attention_mask"], rngs=rngs, **packed)
+
+
 @dataclass(frozen=True)
 class Classification:
-    """Sequence classification; batch: input_ids, attention_mask, token_type_ids, labels, weights.
+    """Sequence classification; batch: input_ids, attention_mask, token_type_ids, labels, weights,
+    or packed rows (`classifier_logits`): the same sums over every text slot, the empty ones
+    weighing 0, so the loss is the mean over the step's real texts however they were packed.
 
     Besides the loss it sums per-class true/false positives and false negatives as scalars
     (`tp_3`, ...), so macro F1 over a whole split is exact however it was batched.
@@ -108,8 +122,7 @@ class Classification:
     name: str = "classification"
 
     def stats(self, model, batch, rngs):
-        logits = model(batch["input_ids"], token_type_ids=batch.get("token_type_ids"),
-                       attention_mask=batch["attention_mask"], rngs=rngs)
+        logits = classifier_logits(model, batch, rngs)
         labels, w = batch["labels"], batch["weights"].astype(jnp.float32)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         pred = jnp.argmax(logits, -1)

@@ -21,7 +21,8 @@ from bigjax import mesh as mesh_lib
 from bigjax.build import build
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings, unwritable_reason
 from bigjax.compress import int8_components, is_compressed, load_state as load_int8_state
-from bigjax.config import Config, load_config, save_config, to_dict
+from bigjax.config import (Config, eval_batch_size, example_len, load_config, save_config,
+                           to_dict)
 from bigjax.data.loader import eval_batches
 from bigjax.data.pipeline import build_data
 from bigjax.data.stream_loader import make_train_loader
@@ -171,7 +172,7 @@ class Trainer:
         (padding rows carry no weight); `eval_coverage` says how many examples were scored."""
         state = self.init_state()
         sums: dict[str, float] = {}
-        batch = self.cfg.train.batch_size // self.cfg.train.grad_accum
+        batch = eval_batch_size(self.cfg)  # packed classification: texts of about a row's tokens
         limit = self.cfg.train.eval_batches
         total = len(self.data.eval)
         self.eval_coverage = (min(total, limit * batch) if limit else total, total)
@@ -213,7 +214,7 @@ class Trainer:
             self._probs_fn = self.parts.jit_eval(probs_fn(self.parts.spec))
         names = load_label_names(self.run_dir) or [str(i) for i in range(self.cfg.task.num_labels)]
         return predict_texts(self._probs_fn, state.params, state.model_state, self._tokenizer(),
-                             list(texts), names, seq_len=self.cfg.train.seq_len,
+                             list(texts), names, seq_len=example_len(self.cfg),
                              batch_size=self.cfg.train.batch_size,
                              multiple=mesh_lib.batch_divisor(self.cfg.sharding.rules, self.mesh),
                              batch_sharding=self.parts.batch_sharding)

@@ -1,4 +1,5 @@
-"""Text classification data: CSV/JSONL rows with a text and a label column -> padded examples.
+"""Text classification data: CSV/JSONL rows with a text and a label column -> padded examples
+(training ones packed several to a row with `data.examples_per_row` > 1: bigjax/data/pack_cls.py).
 
 Labels may be strings (names sorted alphabetically become ids 0..K-1) or integers (used as ids).
 The names are stored in `<run.dir>/labels.json`, so a resumed run, `bigjax eval` and
@@ -15,7 +16,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from bigjax.config import Config
+from bigjax.config import Config, example_len, packs_examples
+from bigjax.data.pack_cls import PackedExamples
 from bigjax.data.records import read_rows, split_docs
 from bigjax.data.types import ArrayExamples, Data
 from bigjax.data.wordpiece import bert_tokenizer, encode
@@ -143,8 +145,17 @@ def build_classification_data(cfg: Config, run_dir: str) -> Data:
     tok = bert_tokenizer(cfg, [r.text for r in train_rows], run_dir)
     if saved is None:
         save_label_names(run_dir, names)
-    train = examples(tok, train_rows, train_ids, cfg.train.seq_len)
-    val = examples(tok, val_rows, val_ids, cfg.train.seq_len)
+    # packing: each text is truncated to data.max_example_len, and evaluation reads them unpacked
+    train = examples(tok, train_rows, train_ids, example_len(cfg))
+    val = examples(tok, val_rows, val_ids, example_len(cfg))
+    summary = f"{len(train_rows)} training rows, {len(names)} labels"
+    if packs_examples(cfg):
+        train = PackedExamples(train, cfg.train.seq_len, cfg.data.examples_per_row,
+                               tok.pad_token_id)
+        per_row, filled = train.fill(cfg.seed)
+        summary += (f"; packed {per_row:.2f} texts per row of {cfg.train.seq_len} tokens "
+                    f"({filled:.0%} of them text), about {per_row * cfg.train.batch_size:.0f} "
+                    "texts per step")
     info = {"train_rows": len(train_rows), "eval_rows": len(val_rows),
             "duplicates_removed": duplicates, "rows_skipped": sum(skipped.values()),
             "skipped_by_reason": skipped, "label_names": names,
@@ -154,7 +165,7 @@ def build_classification_data(cfg: Config, run_dir: str) -> Data:
              f"{skipped or ''}, labels {names}")
     return Data(train=train, eval=val, tokenizer=tok, info=info,
                 sizes={"vocab": len(tok), "num_labels": len(names)},
-                summary=f"{len(train_rows)} training rows, {len(names)} labels")
+                summary=summary)
 
 
 register_data("classification", build_classification_data)

@@ -78,17 +78,24 @@ class TrainLoader:
         # a source with `example_at_epoch(i, epoch)` (augmented images) is read by index, so the
         # element knows its epoch: position // examples per process and epoch
         by_epoch = hasattr(source, "example_at_epoch")
-        ds = grain.MapDataset.range(n) if by_epoch else grain.MapDataset.source(source)
-        if shuffle:
-            ds = ds.shuffle(seed=seed)  # before repeat: each epoch is a fresh permutation of it
-        ds = ds[:usable][process_index::process_count].repeat(None)
+        if hasattr(source, "packed_rows"):
+            # several texts per row (bigjax/data/pack_cls.py): it shuffles each epoch, takes this
+            # process's share as below and packs it; batches are rows
+            ds = source.packed_rows(seed=seed, shuffle=shuffle, process_index=process_index,
+                                    process_count=process_count)
+        else:
+            ds = grain.MapDataset.range(n) if by_epoch else grain.MapDataset.source(source)
+            if shuffle:
+                ds = ds.shuffle(seed=seed)  # before repeat: each epoch is a fresh permutation of it
+            ds = ds[:usable][process_index::process_count].repeat(None)
         if by_epoch:
             ds = ds.map_with_index(_EpochReader(source, per_epoch))
         self._batches = ds.batch(self.local_batch, drop_remainder=True)
         self._workers, self._threads = workers, threads
         # what a saved position is only valid for
         self._identity = {"examples": n, "global_batch": global_batch, "seed": seed,
-                          "shuffle": shuffle, "process_count": process_count}
+                          "shuffle": shuffle, "process_count": process_count,
+                          **getattr(source, "identity", {})}
         self.sharding = sharding
         self.examples_per_epoch = per_epoch
         self.dropped_per_epoch = n - usable

@@ -6,7 +6,7 @@ pooler + dropout + classifier). Parameter names map one to one onto Hugging Face
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ class BertConfig(TransformerConfig):
     # classification: what the pooler reads: the [CLS] token's hidden state (BERT) or the mean
     # over the non-padding tokens (sentence-transformers' embedding, e.g. all-MiniLM-L6-v2)
     pooling: Literal["cls", "mean"] = "cls"
+    # classification reads packed rows (data.examples_per_row > 1): segment ids, per-text
+    # positions, one pooled vector per text (not a config key)
+    reads_packed_rows: ClassVar[bool] = True
 
 ACT = ("batch", "length", "act_embed")
 
@@ -93,19 +96,25 @@ class Bert(nnx.Module):
 
     def encode(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
                attention_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None,
-               positions_BP: jax.Array | None = None) -> jax.Array:
+               positions_BP: jax.Array | None = None, segment_ids: jax.Array | None = None,
+               position_ids: jax.Array | None = None) -> jax.Array:
         """Last hidden states B×T×D (Hugging Face's `last_hidden_state`); with `positions_BP`,
         B×P×D at those positions only. Heads read few positions ([CLS] for the classifier, the
         masked ones for masked-LM), so the last layer computes queries, attention output and MLP for
-        P positions instead of T: 14% of a 6-layer MiniLM classification step's matmul FLOPs."""
+        P positions instead of T: 14% of a 6-layer MiniLM classification step's matmul FLOPs.
+
+        Packed rows (bigjax/data/pack_cls.py): `segment_ids` B×T (0 = padding) keep attention
+        within each text, `position_ids` B×T restart at 0 in each."""
         B, T = input_ids_BT.shape
         if token_type_ids is None:
             token_type_ids = jnp.zeros((B, T), jnp.int32)
-        x = (self.embed(input_ids_BT) + self.pos_embed(jnp.arange(T)[None])
-             + self.type_embed(token_type_ids))
+        pos = jnp.arange(T)[None] if position_ids is None else position_ids
+        x = self.embed(input_ids_BT) + self.pos_embed(pos) + self.type_embed(token_type_ids)
         x = layers.drop(self.embed_norm(x), self.rate, rngs)
         x = constrain(x, ACT)
-        mask = AttentionMask(valid=attention_mask)
+        # padding is segment 0: a segment of its own, which no text attends to
+        mask = (AttentionMask(valid=attention_mask) if segment_ids is None
+                else AttentionMask(segment_ids=segment_ids))
         last = self.cfg.n_layers - 1
         every = layers.remat_layer(lambda layer, x, rngs: layer(x, mask, rngs), self.cfg.remat)
         for i in range(self.cfg.n_layers):
@@ -119,21 +128,36 @@ class Bert(nnx.Module):
 
     def __call__(self, input_ids_BT: jax.Array, *, token_type_ids: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, rngs: nnx.Rngs | None = None,
-                 masked_positions: jax.Array | None = None) -> jax.Array:
+                 masked_positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 position_ids: jax.Array | None = None,
+                 example_starts: jax.Array | None = None) -> jax.Array:
         """float32 logits: B×T×vocab (masked_lm; B×P×vocab at `masked_positions` B×P, as
         original BERT's pretraining computes them), B×num_labels (classification); else hidden
-        states."""
+        states. Packed classification rows (`segment_ids`, `position_ids`, and `example_starts`
+        B×K: each text's [CLS] index) give B×K×num_labels, one per text slot."""
         positions = None
         mean = self.cfg.pooling == "mean"
+        packed = self.head == "classification" and example_starts is not None
         if self.head == "classification" and not mean:
-            positions = jnp.zeros((input_ids_BT.shape[0], 1), jnp.int32)  # [CLS]
+            positions = (example_starts.astype(jnp.int32) if packed
+                         else jnp.zeros((input_ids_BT.shape[0], 1), jnp.int32))  # [CLS]
         elif self.head == "masked_lm":
             positions = masked_positions
         h = self.encode(input_ids_BT, token_type_ids=token_type_ids, attention_mask=attention_mask,
-                        rngs=rngs, positions_BP=positions)
+                        rngs=rngs, positions_BP=positions, segment_ids=segment_ids,
+                        position_ids=position_ids)
         if self.head == "masked_lm":
             h = self.mlm_norm(jax.nn.gelu(self.mlm_dense(h), approximate=False))
             return (self.embed.attend(h) + self.mlm_bias[...]).astype(jnp.float32)
+        if packed:
+            if mean:  # each text's mean hidden state: a one-hot B×T×K text membership, normalised
+                K = example_starts.shape[1]
+                member = (segment_ids[:, :, None] == jnp.arange(1, K + 1)).astype(h.dtype)
+                h = (jnp.einsum("btk,btd->bkd", member, h)
+                     / jnp.maximum(member.sum(1), 1)[:, :, None])
+            # cls: the last layer ran at the K starts already, so h is B×K×D either way
+            pooled = layers.drop(jnp.tanh(self.pooler(h)), self.rate, rngs)
+            return self.classifier(pooled).astype(jnp.float32)
         if self.head == "classification":
             if mean:  # the pooler reads the mean hidden state in [CLS]'s place
                 valid = (jnp.ones(input_ids_BT.shape, h.dtype) if attention_mask is None
@@ -164,7 +188,9 @@ def flops_per_token(cfg: Config, n_params: int) -> float:
     matmul = float(n_params - (m.vocab_size + m.max_seq_len) * m.d_model)
     attention = 12.0 * m.n_layers * T * m.n_heads * head_dim
     share = {"masked_lm": num_predictions(T, getattr(cfg.task, "mlm_probability", 0.15)) / T,
-             "classification": 1 / T if m.pooling == "cls" else 1.0}.get(kind, 1.0)
+             # packed rows: the last layer runs at each text's [CLS], examples_per_row of them
+             "classification": cfg.data.examples_per_row / T if m.pooling == "cls" else 1.0,
+             }.get(kind, 1.0)
     last = 2 * m.d_model * m.n_heads * head_dim + (3 if m.mlp == "swiglu" else 2) * m.d_model * m.d_ff
     matmul -= (1 - share) * last
     # the head's d x d dense (pooler, or masked-LM transform) runs at those positions only; a bare

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigjax.config import Config, ModelConfig, derived, require_positive
+from bigjax.config import (Config, ModelConfig, derived, example_len, packs_examples,
+                           require_positive)
 from bigjax.errors import ConfigError
 from bigjax.models import attention
 from bigjax.models.attention import AttentionMask, attend
@@ -54,8 +55,10 @@ class TransformerConfig(ModelConfig):
         if not self.head_dim and self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} is not divisible by "
                               f"model.n_heads={self.n_heads}; set model.head_dim")
-        if self.learned_positions and cfg.train.seq_len > self.max_seq_len:
-            raise ConfigError(f"train.seq_len={cfg.train.seq_len} exceeds "
+        # packed classification rows restart positions in each text: the table needs one text
+        if self.learned_positions and example_len(cfg) > self.max_seq_len:
+            key = "data.max_example_len" if packs_examples(cfg) else "train.seq_len"
+            raise ConfigError(f"{key}={example_len(cfg)} exceeds "
                               f"model.max_seq_len={self.max_seq_len}")
         # what the config alone tells; the backend is checked when the model is built (after
         # jax.distributed starts), the batch's masks when a step is traced
