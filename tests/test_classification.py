@@ -7,6 +7,7 @@ import csv
 import importlib.util
 import json
 import os
+import pickle  # only as grain sends a source to worker processes
 
 import numpy as np
 import pytest
@@ -51,8 +52,11 @@ def test_string_labels_sorted_and_saved_with_the_run(tmp_path):
     assert resolve(cfg, data).task.num_labels == 3  # the label count resolves from the data
     with open(tmp_path / "run" / "labels.json") as fh:
         assert json.load(fh) == {"names": ["negative", "neutral", "positive"]}
+    assert len(data.train) == 30 and data.train._examples is None  # eval/predict never tokenize it
     ex = [data.train[i] for i in range(len(data.train))]
     assert len(ex) == 30 and len(data.eval) == 10
+    again = pickle.loads(pickle.dumps(data.train))  # how grain's workers get it: made, not a lambda
+    assert all(np.array_equal(again[i]["input_ids"], ex[i]["input_ids"]) for i in range(30))
     # every example's label id is its label's place in the sorted names (the tokenizer is trained
     # on the training texts, so those decode exactly)
     names, want = data.info["label_names"], {f"text number {i}": labels[i % 3] for i in range(40)}

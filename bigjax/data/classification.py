@@ -19,7 +19,7 @@ import numpy as np
 from bigjax.config import Config, example_len, packs_examples
 from bigjax.data.pack_cls import PackedExamples
 from bigjax.data.records import read_rows, split_docs
-from bigjax.data.types import ArrayExamples, Data
+from bigjax.data.types import ArrayExamples, Data, LazyExamples
 from bigjax.data.wordpiece import bert_tokenizer, encode
 from bigjax.errors import DataError
 from bigjax.paths import PathLike, run_path, write_text
@@ -146,11 +146,12 @@ def build_classification_data(cfg: Config, run_dir: str) -> Data:
     if saved is None:
         save_label_names(run_dir, names)
     # packing: each text is truncated to data.max_example_len, and evaluation reads them unpacked
-    train = examples(tok, train_rows, train_ids, example_len(cfg))
+    make_train = lambda: examples(tok, train_rows, train_ids, example_len(cfg))  # noqa: E731
+    train = LazyExamples(make_train, len(train_rows))
     val = examples(tok, val_rows, val_ids, example_len(cfg))
     summary = f"{len(train_rows)} training rows, {len(names)} labels"
-    if packs_examples(cfg):
-        train = PackedExamples(train, cfg.train.seq_len, cfg.data.examples_per_row,
+    if packs_examples(cfg):  # its summary counts the texts per row: packed now
+        train = PackedExamples(make_train(), cfg.train.seq_len, cfg.data.examples_per_row,
                                tok.pad_token_id)
         per_row, filled = train.fill(cfg.seed)
         summary += (f"; packed {per_row:.2f} texts per row of {cfg.train.seq_len} tokens "

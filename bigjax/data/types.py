@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -38,3 +38,24 @@ class ArrayExamples:
 
     def __getitem__(self, i: int) -> Example:
         return {k: v[int(i)] for k, v in self.arrays.items()}
+
+
+class LazyExamples:
+    """Examples made on first use (`make()`), with their count known before: `eval`, `predict`
+    and `compress` of a classification run never tokenize its training split (~2 s of 30k tweets
+    per command)."""
+
+    def __init__(self, make: Callable[[], Sequence[Example]], n: int):
+        self._make, self._n, self._examples = make, n, None
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> Example:
+        if self._examples is None:
+            self._examples, self._make = self._make(), None
+        return self._examples[i]
+
+    def __getstate__(self) -> dict:  # to grain's worker processes: the examples, not the maker
+        self[0] if self._n else None
+        return {"_make": None, "_n": self._n, "_examples": self._examples}
