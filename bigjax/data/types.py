@@ -51,11 +51,13 @@ class LazyExamples:
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, i: int) -> Example:
+    def _made(self) -> Sequence[Example]:
         if self._examples is None:
             self._examples, self._make = self._make(), None
-        return self._examples[i]
+        return self._examples
+
+    def __getitem__(self, i: int) -> Example:
+        return self._made()[i]
 
     def __getstate__(self) -> dict:  # to grain's worker processes: the examples, not the maker
-        self[0] if self._n else None
-        return {"_make": None, "_n": self._n, "_examples": self._examples}
+        return {"_make": None, "_n": self._n, "_examples": self._made()}
