@@ -7,7 +7,6 @@ evaluation), so the train step derives it from (seed, step) and resume needs no 
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Literal, Sequence
@@ -101,30 +100,6 @@ class Dense(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
-
-
-def fused_dense(x: jax.Array, denses: Sequence[Dense]) -> tuple[jax.Array, ...]:
-    """`tuple(d(x) for d in denses)` as one matmul against their kernels side by side (and one
-    bias add). A wider matmul runs nearer the CPU's peak than three narrow ones, reads x once, and
-    its backward pass is one matmul for x's gradient instead of three plus two sums: the same
-    products and sums per output. Falls back to separate calls for anything but plain Dense
-    layers alike in inputs, dtype and bias (LoRA adapters, for one, add their own term)."""
-    first = denses[0]
-    alike = all(type(d) is Dense and d.in_shape == first.in_shape and d.dtype == first.dtype
-                and (d.bias is None) == (first.bias is None) for d in denses)
-    if not alike or len(denses) == 1:
-        return tuple(d(x) for d in denses)
-    lead = x.shape[:x.ndim - len(first.in_shape)]
-    n_in = math.prod(first.in_shape)
-    widths = [math.prod(d.out_shape) for d in denses]
-    kernel = jnp.concatenate([d.kernel[...].reshape(n_in, w) for d, w in zip(denses, widths)], 1)
-    y = jnp.dot(x.reshape(-1, n_in).astype(first.dtype), kernel.astype(first.dtype))
-    if first.bias is not None:
-        bias = jnp.concatenate([d.bias[...].reshape(w) for d, w in zip(denses, widths)])
-        y = y + bias.astype(first.dtype)
-    ends = list(itertools.accumulate(widths))
-    return tuple(y[:, end - w:end].reshape(lead + d.out_shape)
-                 for d, w, end in zip(denses, widths, ends))
 
 
 class Norm(nnx.Module):
@@ -245,7 +220,7 @@ class Attention(nnx.Module):
                  rngs: nnx.Rngs | None, kv_BSD: jax.Array | None = None) -> jax.Array:
         """`kv_BSD`: keys and values from another sequence than the queries (by default x)."""
         kv_BSD = x_BTD if kv_BSD is None else kv_BSD
-        q, k, v = self.qkv(x_BTD, kv_BSD)
+        q, k, v = self.query(x_BTD), self.key(kv_BSD), self.value(kv_BSD)
         if self.rope_theta is not None:
             assert kv_BSD is x_BTD, "rotary attention takes one sequence"
             q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
@@ -260,17 +235,10 @@ class Attention(nnx.Module):
         (bigjax/models/kv_cache.py): the caller writes the keys and values into the cache first
         and then attends over it (`extend_attend`), so the cache is updated in place; reading a
         layer's slots before writing them made XLA copy the whole cache at every layer."""
-        q, k, v = self.qkv(x_BTD, x_BTD)
+        q, k, v = self.query(x_BTD), self.key(x_BTD), self.value(x_BTD)
         if self.rope_theta is not None:
             q, k = rotary(q, positions_BT, self.rope_theta), rotary(k, positions_BT, self.rope_theta)
         return q, k, v
-
-    def qkv(self, x_BTD: jax.Array, kv_BSD: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries from x, keys and values from kv: the projections that read the same input as
-        one matmul (`fused_dense`)."""
-        if kv_BSD is x_BTD:
-            return fused_dense(x_BTD, (self.query, self.key, self.value))
-        return (self.query(x_BTD),) + fused_dense(kv_BSD, (self.key, self.value))
 
     def extend_attend(self, q_BTNH: jax.Array, keys_BSKH: jax.Array, values_BSKH: jax.Array,
                       index: jax.Array, valid_BS: jax.Array) -> jax.Array:
