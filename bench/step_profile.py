@@ -102,9 +102,12 @@ def main() -> None:
     print("| part | ms per step | share |\n|---|---|---|")
     for part, ms in by_part.most_common():
         print(f"| {part} | {ms:.1f} | {ms / total:.0%} |")
-    print(f"\ntop {args.top} ops:")
-    for name, ms in per_op.most_common(args.top):
-        print(f"  {ms:8.2f} ms  {name:28s} {op_names.get(name, '')[:90]}")
+    for kind in ("matmul", "elementwise"):
+        top = [(n, ms) for n, ms in per_op.most_common()
+               if part_of(n, op_names.get(n, "")).endswith(f"({kind})")][:args.top]
+        print(f"\ntop {args.top} {kind} ops:")
+        for name, ms in top:
+            print(f"  {ms:8.2f} ms  {name:28s} {op_names.get(name, '')[:110]}")
 
 
 if __name__ == "__main__":
