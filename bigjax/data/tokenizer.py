@@ -8,7 +8,6 @@ tokenizer.json with the `tokenizers` library (`Tokenizer`), without importing tr
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterable
 
 from bigjax.errors import DataError, first_line
@@ -62,10 +61,11 @@ def load_tokenizer(path: PathLike):
     else transformers' `AutoTokenizer` (vocab.txt or sentencepiece only: it converts them)."""
     if not run_path(path).is_dir():
         raise DataError(f"tokenizer dir '{path}' does not exist (data.tokenizer)")
+    root = run_path(path)
     try:
+        if (root / "tokenizer.json").is_file():  # read in place, local or object storage
+            return Tokenizer({f: (root / f).read_bytes() for f in FILES if (root / f).is_file()})
         with local_dir(path) as local:
-            if os.path.isfile(os.path.join(local, "tokenizer.json")):
-                return Tokenizer.from_dir(local)
             from transformers import AutoTokenizer
             return AutoTokenizer.from_pretrained(local)
     except Exception as e:  # tokenizers raises its own types, transformers OSError/ValueError
@@ -112,11 +112,6 @@ class Tokenizer:
                   "model_max_length": int(1e30), **specials}
         return cls({"tokenizer.json": backend.to_str().encode("utf-8"),
                     "tokenizer_config.json": json.dumps(config, indent=1).encode("utf-8")})
-
-    @classmethod
-    def from_dir(cls, local: str) -> "Tokenizer":
-        return cls({f: open(os.path.join(local, f), "rb").read() for f in FILES
-                    if os.path.isfile(os.path.join(local, f))})
 
     def __len__(self) -> int:
         return self.backend.get_vocab_size(with_added_tokens=True)
@@ -165,11 +160,11 @@ class Tokenizer:
         text = self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
         return _clean_up(text) if self.clean_up_spaces else text
 
-    def save_pretrained(self, out: str) -> None:
-        os.makedirs(out, exist_ok=True)
+    def save_pretrained(self, out: PathLike) -> None:
+        root = run_path(out)
+        root.mkdir(parents=True, exist_ok=True)
         for name, data in self.files.items():
-            with open(os.path.join(out, name), "wb") as f:
-                f.write(data)
+            (root / name).write_bytes(data)
 
     def __getstate__(self):  # to grain's worker processes: the files, not the Rust objects
         return {"files": self.files}
