@@ -48,6 +48,7 @@ def test_equal_to_transformers(which, dirs, texts, tmp_path):
     assert len(ours) == len(ref) and ours.get_vocab() == ref.get_vocab()
     for role in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
         assert getattr(ours, f"{role}_token_id") == getattr(ref, f"{role}_token_id"), role
+        assert getattr(ours, f"{role}_token") == getattr(ref, f"{role}_token"), role
     assert ours.all_special_ids == sorted(set(ref.all_special_ids))
     assert ours(texts, add_special_tokens=False)["input_ids"] == \
         ref(texts, add_special_tokens=False)["input_ids"]

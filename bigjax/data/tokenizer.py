@@ -95,7 +95,8 @@ class Tokenizer:
         self.clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
         self.special_tokens = {r: _content(config.get(f"{r}_token")) for r in ROLES}
-        for role, token in self.special_tokens.items():
+        for role, token in self.special_tokens.items():  # eos_token, eos_token_id, ...
+            setattr(self, f"{role}_token", token)
             setattr(self, f"{role}_token_id", None if token is None else
                     self.backend.token_to_id(token))
         ids = [getattr(self, f"{r}_token_id") for r in ROLES]
