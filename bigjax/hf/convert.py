@@ -14,19 +14,16 @@ from bigjax import finetune
 from bigjax.build import one_device
 from bigjax.checkpoint import Checkpointer, abstract_with_shardings
 from bigjax.config import CheckpointConfig, Config, load_config, save_config, to_dict, updated
+from bigjax.data.tokenizer import FILES
 from bigjax.errors import CheckpointError, ConfigError
 from bigjax.hf import WEIGHTS, load_params, model_config_for, peft, save_params
 from bigjax.models.lora import merge
 from bigjax.paths import PathLike, run_path, run_str
 from bigjax.tasks import head
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.txt", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
-
-
 def _copy_tokenizer(src: PathLike, dst: PathLike) -> bool:
     src, dst = run_path(src), run_path(dst)
-    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
+    found = [f for f in FILES if (src / f).is_file()]  # a tokenizer dir's files
     if not found:
         return False
     dst.mkdir(parents=True, exist_ok=True)
