@@ -256,6 +256,9 @@ def test_local_sh_gives_each_process_its_place_and_devices(tmp_path):
                     f'exec {sys.executable} "$@"; fi\n'
                     'echo "$XLA_FLAGS|$BIGJAX_COORDINATOR|$BIGJAX_NUM_PROCESSES|$BIGJAX_PROCESS_ID|$*"\n'
                     'if [ "$BIGJAX_PROCESS_ID" = 0 ]; then exec sleep 60; fi\n'
+                    # fail only once process 0 has written its line: under load local.sh could
+                    # otherwise stop process 0 before it started
+                    'until [ -s "$BIGJAX_LOG_DIR/process-0.log" ]; do sleep 0.05; done\n'
                     'exit $((BIGJAX_PROCESS_ID * 3))\n')
     fake.chmod(0o755)
     config = os.path.join(ROOT, "configs", "gpt_tiny.yaml")
