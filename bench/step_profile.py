@@ -90,14 +90,16 @@ def image_part_of(name: str, op_name: str, opcode: str) -> str:
         kind = "conv filter gradient"
     elif "conv_dx" in op_name:
         kind = "conv input gradient"
-    elif "/conv/" in op_name:  # the 1x1 convolutions (einsums) and the forward convolutions
+    elif re.search(r"[/(]conv[/)]", op_name):  # forward convolutions, 1x1 ones (einsums)
         kind = "conv 1x1 backward" if backward else "conv forward"
     elif "batchnorm" in op_name:
         kind = "BatchNorm backward" if backward else "BatchNorm forward"
-    elif "head" in op_name or "jvp()" in op_name or "one_hot" in op_name or "log_softmax" in op_name:
+    elif "(head" in op_name or "one_hot" in op_name or "log_softmax" in op_name:
         kind = "pool, classifier, loss"
     elif stage:
         kind = "ReLU, residual " + ("backward" if backward else "forward")
+    elif "jvp(" in op_name:  # unscoped model and loss ops (the cnn family has no stages)
+        kind = "other " + ("backward" if backward else "forward") + " (activations, pool, loss)"
     elif "jit(" in op_name:
         kind = "optimizer update"
     else:
