@@ -14,7 +14,9 @@ untimed warm-up chunk each (compilation), so both see the same machine load; the
 the median seconds per step of each, images/s and the ratio bigjax / PyTorch. `--conv-impl A B`
 times one bigjax per `model.conv_impl` (bigjax/models/conv.py) in the same alternation;
 `im2col-patches` is `im2col` with the stride-1 filter gradients from a patch matrix (the first
-version, `conv.STRIDE1_FILTER_GRAD = "patches"`) instead of shifted copies. Besides wall seconds
+version, `conv.STRIDE1_FILTER_GRAD = "patches"`) instead of shifted copies; a `-bn-autodiff`
+suffix (`auto-bn-autodiff`) takes BatchNorm's gradient as JAX derives it instead of the custom
+VJP (`batchnorm.TRAIN_BACKWARD`). Besides wall seconds
 the script prints CPU seconds (user + system, all threads) per step: less sensitive to other
 processes on a shared machine than wall time. `--keep-host-memory` applies
 bigjax/host_memory.py's malloc settings (what `bigjax` commands do) to the whole process, both
@@ -63,12 +65,21 @@ def torch_side(args, x, y):
     return step
 
 
-def bigjax_side(args, x, y, conv_impl: str):
+# variant suffixes of --conv-impl: (module, switch read while tracing, value)
+SUFFIXES = {"-patches": ("conv", "STRIDE1_FILTER_GRAD", "patches"),
+            "-bn-autodiff": ("batchnorm", "TRAIN_BACKWARD", "autodiff")}
+
+
+def bigjax_side(args, x, y, variant: str):
+    import importlib
+
     from bigjax.build import one_device
     from bigjax.config import load_config
-    from bigjax.models import conv
-    method = "patches" if conv_impl == "im2col-patches" else "shifted"
-    conv_impl = conv_impl.removesuffix("-patches")
+    conv_impl, switches = variant, []
+    for suffix, (module, name, value) in SUFFIXES.items():
+        if suffix in conv_impl:
+            conv_impl = conv_impl.replace(suffix, "")
+            switches.append((importlib.import_module(f"bigjax.models.{module}"), name, value))
     cfg = load_config(os.path.join(ROOT, "configs/resnet18_cifar10.yaml"), [
         f"model.stem={args.stem}", "model.image_height=32", "model.image_width=32",
         "model.image_channels=3", "task.num_labels=10", f"train.batch_size={args.batch}",
@@ -78,11 +89,16 @@ def bigjax_side(args, x, y, conv_impl: str):
     state = [parts.init_state()]
     batch = jax.device_put({"images": x, "labels": y, "weights": np.ones(len(y), np.float32)},
                            parts.batch_sharding)
-    conv.STRIDE1_FILTER_GRAD, default = method, conv.STRIDE1_FILTER_GRAD  # read while tracing
+    defaults = [(module, name, getattr(module, name)) for module, name, _ in switches]
+    t = time.perf_counter()
     try:
+        for module, name, value in switches:
+            setattr(module, name, value)
         train_step = parts.train_step.lower(state[0], batch).compile()
+        print(f"bigjax[{variant}] compiled in {time.perf_counter() - t:.1f} s", flush=True)
     finally:
-        conv.STRIDE1_FILTER_GRAD = default
+        for module, name, value in defaults:
+            setattr(module, name, value)
 
     def step():
         state[0], metrics = train_step(state[0], batch)
@@ -108,11 +124,18 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=3, help="steps of one system before switching")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--conv-impl", nargs="+", default=["auto"],
-                   choices=["auto", "xla", "im2col", "im2col-patches"],
-                   help="model.conv_impl of each bigjax timed (one system per value)")
+                   help="model.conv_impl of each bigjax timed (one system per value: auto, xla "
+                        "or im2col, each optionally followed by -patches and/or -bn-autodiff)")
     p.add_argument("--keep-host-memory", action="store_true",
                    help="bigjax/host_memory.py's malloc settings for the whole process")
     args = p.parse_args()
+    for variant in args.conv_impl:
+        base = variant
+        for suffix in SUFFIXES:
+            base = base.replace(suffix, "")
+        if base not in ("auto", "xla", "im2col"):
+            p.error(f"--conv-impl {variant}: expected auto, xla or im2col, optionally followed "
+                    f"by {' and/or '.join(SUFFIXES)}")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, args.batch).astype(np.int32)

@@ -9,6 +9,14 @@ step; the shares are what to read.
 
     .venv/bin/python bench/step_profile.py                       # the issue's decoder, no remat
     .venv/bin/python bench/step_profile.py configs/gpt_tiny.yaml model.remat=full --top 30
+    .venv/bin/python bench/step_profile.py --resnet --keep-host-memory   # ResNet-18, CIFAR, b 64
+
+Image tasks (`image_classification`) get a random batch of the model's image shape, and their ops
+are grouped by layer kind instead: convolution forward / input gradient / filter gradient per
+stage, BatchNorm forward and backward, ReLU and residual sums, pooling and classifier, the
+optimizer update, copies and transposes (second table: summed over stages). XLA:CPU runs Eigen's
+dots (the filter gradients' products) asynchronously: the trace times their launch, not their
+work, which shows up in whatever runs next; read the filter-gradient share as a lower bound.
 """
 
 from __future__ import annotations
@@ -26,7 +34,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+if "--keep-host-memory" in sys.argv:  # before jax starts its threads (see host_memory.py)
+    from bigjax.host_memory import keep_freed_host_memory
+    keep_freed_host_memory()
+
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 
 from bigjax.build import build  # noqa: E402
 from bigjax.config import load_config  # noqa: E402
@@ -39,7 +52,12 @@ DECODER = ["model.vocab_size=32000", "model.d_model=256", "model.n_layers=4", "m
            "model.tie_embeddings=false", "model.max_seq_len=256", "train.seq_len=256",
            "train.batch_size=4", "model.dtype=float32", "mesh.data=1", "mesh.fsdp=1",
            "mesh.tensor=1", "model.remat=none"]
-RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction")  # not ops
+# bench/resnet_vs_torchvision.py's network: ResNet-18, CIFAR stem, batch 64, one device
+RESNET = ["model.image_height=32", "model.image_width=32", "model.image_channels=3",
+          "task.num_labels=10", "train.batch_size=64", "mesh.data=1",
+          "optimizer.schedule=constant", "optimizer.warmup_steps=0"]
+RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction",  # not ops
+           "CommonPjRt")
 
 
 def part_of(name: str, op_name: str) -> str:
@@ -60,21 +78,74 @@ def part_of(name: str, op_name: str) -> str:
     return f"{part} ({kind})"
 
 
+def image_part_of(name: str, op_name: str, opcode: str) -> str:
+    """For the image families (named scopes in resnet.py, conv.py, batchnorm.py): the layer kind
+    an op serves, and the stage where the op has one (`stem`, `layer1` ... `layer4`)."""
+    stage = re.search(r"\((stem|layer\d|head)", op_name)
+    where = f" [{stage.group(1)}]" if stage and "conv" in op_name else ""
+    backward = "transpose(" in op_name
+    if opcode in ("copy", "transpose"):
+        kind = "copies and transposes"
+    elif "conv_dw" in op_name:
+        kind = "conv filter gradient"
+    elif "conv_dx" in op_name:
+        kind = "conv input gradient"
+    elif re.search(r"[/(]conv[/)]", op_name):  # forward convolutions, 1x1 ones (einsums)
+        kind = "conv 1x1 backward" if backward else "conv forward"
+    elif "batchnorm" in op_name:
+        kind = "BatchNorm backward" if backward else "BatchNorm forward"
+    elif "(head" in op_name or "one_hot" in op_name or "log_softmax" in op_name:
+        kind = "pool, classifier, loss"
+    elif stage:
+        kind = "ReLU, residual " + ("backward" if backward else "forward")
+    elif "jvp(" in op_name:  # unscoped model and loss ops (the cnn family has no stages)
+        kind = "other " + ("backward" if backward else "forward") + " (activations, pool, loss)"
+    elif "jit(" in op_name:
+        kind = "optimizer update"
+    else:
+        kind = "other (unnamed)"
+    return kind + where
+
+
+def image_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
+    """A random batch of the model's image shape (float images, integer labels)."""
+    rng = np.random.default_rng(seed)
+    m, b = cfg.model, cfg.train.batch_size
+    return {"images": rng.normal(size=(b, m.image_height, m.image_width, m.image_channels))
+            .astype(np.float32),
+            "labels": rng.integers(0, cfg.task.num_labels, b).astype(np.int32),
+            "weights": np.ones(b, np.float32)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", default="configs/gpt_tiny.yaml")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--resnet", action="store_true",
+                    help="configs/resnet18_cifar10.yaml as bench/resnet_vs_torchvision.py runs it")
+    ap.add_argument("--keep-host-memory", action="store_true",
+                    help="bigjax/host_memory.py's malloc settings (as `bigjax` commands on CPU)")
     args = ap.parse_args()
+    if args.resnet:
+        args.config, args.overrides = "configs/resnet18_cifar10.yaml", RESNET + args.overrides
     overrides = args.overrides if args.overrides or args.config != "configs/gpt_tiny.yaml" else DECODER
-    cfg = resolve(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    images = cfg.task.name == "image_classification"
+    if not images:
+        cfg = resolve(cfg)  # image shapes come from the data, so image configs give them instead
     parts = build(cfg, make_mesh(cfg.mesh))
     state = parts.init_state()
-    batch = jax.device_put(random_batch(cfg, 0), parts.batch_sharding)
+    batch = jax.device_put(image_batch(cfg) if images else random_batch(cfg, 0),
+                           parts.batch_sharding)
     step = parts.train_step.lower(state, batch).compile()
-    op_names = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?op_name="([^"]*)"',
-                               step.as_text(), re.M))
+    hlo = re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(.*?op_name="([^"]*)"',
+                     step.as_text(), re.M)
+    op_names = {name: op for name, _, op in hlo}
+    opcodes = {name: code for name, code, _ in hlo}
+    classify = ((lambda n: image_part_of(n, op_names.get(n, ""), opcodes.get(n, ""))) if images
+                else (lambda n: part_of(n, op_names.get(n, ""))))
     for _ in range(2):
         state, _ = step(state, batch)
     jax.block_until_ready(state)
@@ -96,18 +167,26 @@ def main() -> None:
     total = sum(per_op.values())
     by_part: collections.Counter = collections.Counter()
     for name, ms in per_op.items():
-        by_part[part_of(name, op_names.get(name, ""))] += ms
+        by_part[classify(name)] += ms
     print(f"step {wall * 1e3:.1f} ms (traced, load average {os.getloadavg()[0]:.1f}); "
           f"op times sum to {total:.1f} ms")
     print("| part | ms per step | share |\n|---|---|---|")
     for part, ms in by_part.most_common():
         print(f"| {part} | {ms:.1f} | {ms / total:.0%} |")
-    for kind in ("matmul", "elementwise"):
+    if images:  # the same, summed over stages
+        by_kind: collections.Counter = collections.Counter()
+        for part, ms in by_part.items():
+            by_kind[part.split(" [")[0]] += ms
+        print("\n| kind | ms per step | share |\n|---|---|---|")
+        for kind, ms in by_kind.most_common():
+            print(f"| {kind} | {ms:.1f} | {ms / total:.0%} |")
+    for kind in ("",) if images else ("matmul", "elementwise"):
         top = [(n, ms) for n, ms in per_op.most_common()
-               if part_of(n, op_names.get(n, "")).endswith(f"({kind})")][:args.top]
-        print(f"\ntop {args.top} {kind} ops:")
+               if images or classify(n).endswith(f"({kind})")][:args.top]
+        print(f"\ntop {args.top} {kind or 'all'} ops:")
         for name, ms in top:
-            print(f"  {ms:8.2f} ms  {name:28s} {op_names.get(name, '')[:110]}")
+            print(f"  {ms:8.2f} ms  {name:28s} {opcodes.get(name, ''):12s} "
+                  f"{op_names.get(name, '')[:100]}")
 
 
 if __name__ == "__main__":

@@ -37,19 +37,64 @@ class BatchNorm(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32))
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        with jax.named_scope("batchnorm"):  # names its ops in profiles (bench/step_profile.py)
+            return self._normalise(x, train)
+
+    def _normalise(self, x: jax.Array, train: bool) -> jax.Array:
         xf = x.astype(jnp.float32)
         if train:
-            axes = tuple(range(x.ndim - 1))
-            mean = xf.mean(axes)
-            var = jnp.square(xf - mean).mean(axes)  # two passes: no E[x^2]-E[x]^2 cancellation
+            norm = _train_norm if TRAIN_BACKWARD == "textbook" else _train_norm_impl
+            y, mean, var = norm(xf, self.scale[...], self.bias[...], self.eps)
             m, n = self.momentum, x.size // x.shape[-1]  # static: the global batch under jit
             run_var = var * (n / max(n - 1, 1)) if self.unbiased else var
             self.mean[...] = m * self.mean[...] + (1 - m) * jax.lax.stop_gradient(mean)
             self.var[...] = m * self.var[...] + (1 - m) * jax.lax.stop_gradient(run_var)
         else:
             mean, var = self.mean[...], self.var[...]
-        y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+            y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
         return y.astype(x.dtype)
+
+
+# "textbook": training BatchNorm's gradient as a custom VJP (two channel reductions and one
+# elementwise pass); "autodiff": what JAX derives from the forward (more passes: through the
+# mean, the centred square and the rsqrt separately). bench/resnet_vs_torchvision.py compares them.
+TRAIN_BACKWARD = "textbook"
+
+
+def _train_norm_impl(xf, scale, bias, eps: float):
+    """(normalised and affine x, batch mean, biased batch variance) over all axes but the last."""
+    axes = tuple(range(xf.ndim - 1))
+    mean = xf.mean(axes)
+    var = jnp.square(xf - mean).mean(axes)  # two passes: no E[x^2]-E[x]^2 cancellation
+    y = (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
+    return y, mean, var
+
+
+_train_norm = jax.custom_vjp(_train_norm_impl, nondiff_argnums=(3,))
+
+
+def _train_norm_fwd(xf, scale, bias, eps):
+    y, mean, var = _train_norm_impl(xf, scale, bias, eps)
+    return (y, mean, var), (xf, mean, jax.lax.rsqrt(var + eps), scale)
+
+
+def _train_norm_bwd(eps, res, cotangents):
+    """With x^ = (x - mean) * rstd and n values per channel: dbias = sum dy, dscale = sum dy x^,
+    dx = scale rstd (dy - dbias / n - x^ dscale / n), plus what the mean and variance outputs
+    pass back (zero in the model, where they only feed the running averages)."""
+    xf, mean, rstd, scale = res
+    dy, dmean, dvar = cotangents
+    axes = tuple(range(xf.ndim - 1))
+    n = xf.size // xf.shape[-1]
+    x_hat = (xf - mean) * rstd
+    dbias = dy.sum(axes)
+    dscale = (dy * x_hat).sum(axes)
+    dx = (scale * rstd) * (dy - dbias / n - x_hat * (dscale / n))
+    dx = dx + dmean / n + (xf - mean) * (2 * dvar / n)
+    return dx, dscale, dbias
+
+
+_train_norm.defvjp(_train_norm_fwd, _train_norm_bwd)
 
 
 def check_image_model(name: str, model, task) -> None:

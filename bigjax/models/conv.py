@@ -70,6 +70,10 @@ class Conv(nnx.Module):
         self.bias = param(jnp.zeros((c_out,), jnp.float32), ("conv_out",)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        with jax.named_scope("conv"):  # names its ops in profiles (bench/step_profile.py)
+            return self._apply(x)
+
+    def _apply(self, x: jax.Array) -> jax.Array:
         y = conv2d(x.astype(self.dtype), self.kernel[...].astype(self.dtype), self.stride,
                    self.impl)
         return y if self.bias is None else y + self.bias[...].astype(self.dtype)
@@ -92,9 +96,12 @@ def _fwd(x, w, stride):
 
 def _bwd(stride, res, dy):
     x, w = res
-    _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, stride), x)  # XLA's transposed conv: fast
-    (dx,) = input_vjp(dy)
-    return dx, filter_grad(x, dy, w.shape[0], stride).astype(w.dtype)
+    with jax.named_scope("conv_dx"):
+        _, input_vjp = jax.vjp(lambda x_: _xla_conv(x_, w, stride), x)  # XLA's transposed conv
+        (dx,) = input_vjp(dy)
+    with jax.named_scope("conv_dw"):
+        dw = filter_grad(x, dy, w.shape[0], stride).astype(w.dtype)
+    return dx, dw
 
 
 _conv_mm_filter_grad.defvjp(_fwd, _bwd)

@@ -137,12 +137,15 @@ class ResNet(nnx.Module):
         with the (global) batch's statistics and updates its running averages; else uses them."""
         train = rngs is not None if train is None else train
         x = constrain(images_BHWC.astype(jnp.dtype(self.cfg.dtype)), ACT)
-        x = jax.nn.relu(self.bn1(self.conv1(x), train=train))
-        if self.cfg.stem == "imagenet":
-            x = max_pool_3x3_s2(x)
+        with jax.named_scope("stem"):  # scopes name the ops for bench/step_profile.py
+            x = jax.nn.relu(self.bn1(self.conv1(x), train=train))
+            if self.cfg.stem == "imagenet":
+                x = max_pool_3x3_s2(x)
         for name in self.block_names:
-            x = getattr(self, name)(x, train)
-        return self.fc(x.mean((1, 2))).astype(jnp.float32)  # global average pool
+            with jax.named_scope(name):
+                x = getattr(self, name)(x, train)
+        with jax.named_scope("head"):
+            return self.fc(x.mean((1, 2))).astype(jnp.float32)  # global average pool
 
 
 def build_resnet(cfg: Config, rngs: nnx.Rngs) -> ResNet:
