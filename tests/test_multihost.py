@@ -290,8 +290,13 @@ def test_a_process_hung_alive_ends_every_process_within_the_hang_timeout(referen
     overrides = [o for o in TWO if not o.startswith("train.steps=")] + [
         "train.steps=100000", "checkpoint.every=4"]
     code = "import hang_after, sys; from bigjax.cli import main; sys.exit(main(sys.argv[1:]))"
-    # the hung process gets the shorter timeout, so which one speaks first is not a race
-    timeouts = (10, 4)
+    # the hung process gets the shorter timeout, so which one speaks first is not a race. The gap
+    # must outlast how far process 0 can run ahead: both beat after *dispatching* a step, and
+    # process 0 beats its last while process 1 may still be seconds (descheduled on a loaded
+    # machine, saving step 8) from dispatching step 10; with (10, 4) process 0 once spoke first
+    # and its exit aborted process 1 (-6). Process 0 normally ends earlier anyway: JAX sees
+    # process 1 gone within its heartbeat timeout (distributed.timeout_s // 2 = 10 s).
+    timeouts = (30, 4)
     start = time.time()
     procs = [subprocess.Popen(
         [sys.executable, "-u", "-c", code, "train", CONFIG, *overrides, f"run.dir={run_dir}",
