@@ -291,11 +291,11 @@ def test_a_process_hung_alive_ends_every_process_within_the_hang_timeout(referen
         "train.steps=100000", "checkpoint.every=4"]
     code = "import hang_after, sys; from bigjax.cli import main; sys.exit(main(sys.argv[1:]))"
     # the hung process gets the shorter timeout, so which one speaks first is not a race. The gap
-    # must outlast how far process 0 can run ahead: both beat after *dispatching* a step, and
-    # process 0 beats its last while process 1 may still be seconds (descheduled on a loaded
-    # machine, saving step 8) from dispatching step 10; with (10, 4) process 0 once spoke first
-    # and its exit aborted process 1 (-6). Process 0 normally ends earlier anyway: JAX sees
-    # process 1 gone within its heartbeat timeout (distributed.timeout_s // 2 = 10 s).
+    # must cover how far apart their last beats can fall: process 0 dispatches ahead and beats
+    # its last once step 10 is done, process 1 beats step 10 only after reading the next batch
+    # ahead (loader.prefetch), which on a loaded machine can take seconds. With (10, 4) process 0
+    # once spoke first and its exit aborted process 1 (-6). Process 0 normally ends before its
+    # own 30 s anyway: JAX sees process 1 gone within its heartbeat timeout (20 // 2 = 10 s).
     timeouts = (30, 4)
     start = time.time()
     procs = [subprocess.Popen(
