@@ -127,9 +127,7 @@ def test_chunked_train_step_on_a_2x2x2_mesh_equals_full_logits_on_one_device(hea
     """tiny_config's 16 positions in chunks of at most 6: 3 chunks of 6, the last overlapping.
     Plain SGD, so the parameters after 3 steps differ only as much as the gradients do (AdamW
     would magnify round-off in near-zero gradients)."""
-    # one layer: the loss chunks sit after the last block, so depth adds compile time only
-    sgd = ["optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.weight_decay=0",
-           "model.n_layers=1", *head]
+    sgd = ["optimizer.name=sgd", "optimizer.lr=0.5", "optimizer.weight_decay=0", *head]
     batches = random_batches(tiny_config(), 3)
     ref, ref_state = _train(one_device(tiny_config("model.loss_chunk=0", *sgd)), batches)
     cfg = tiny_config("mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "model.loss_chunk=6", *sgd)
