@@ -290,8 +290,13 @@ def test_a_process_hung_alive_ends_every_process_within_the_hang_timeout(referen
     overrides = [o for o in TWO if not o.startswith("train.steps=")] + [
         "train.steps=100000", "checkpoint.every=4"]
     code = "import hang_after, sys; from bigjax.cli import main; sys.exit(main(sys.argv[1:]))"
-    # the hung process gets the shorter timeout, so which one speaks first is not a race
-    timeouts = (10, 4)
+    # the hung process gets the shorter timeout, so which one speaks first is not a race. The gap
+    # must cover how far apart their last beats can fall: process 0 dispatches ahead and beats
+    # its last once step 10 is done, process 1 beats step 10 only after reading the next batch
+    # ahead (loader.prefetch), which on a loaded machine can take seconds. With (10, 4) process 0
+    # once spoke first and its exit aborted process 1 (-6). Process 0 normally ends before its
+    # own 30 s anyway: JAX sees process 1 gone within its heartbeat timeout (20 // 2 = 10 s).
+    timeouts = (30, 4)
     start = time.time()
     procs = [subprocess.Popen(
         [sys.executable, "-u", "-c", code, "train", CONFIG, *overrides, f"run.dir={run_dir}",
@@ -302,7 +307,9 @@ def test_a_process_hung_alive_ends_every_process_within_the_hang_timeout(referen
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     errs = [p.communicate(timeout=300)[1] for p in procs]
     took = time.time() - start
-    assert procs[1].returncode == 1, errs[1][-3000:]
+    # both tails: which process ended first (and how) is what a failure here needs to show
+    both = f"process 1:\n{errs[1][-3000:]}\nprocess 0 ({procs[0].returncode}):\n{errs[0][-3000:]}"
+    assert procs[1].returncode == 1, both
     hung = re.search(r"^bigjax: error: distributed: process 1 of 2 made no progress for (\d+) s "
                      r"after step 10 \(distributed.hang_timeout_s=4\); a process is hung \(stacks "
                      r"above\); exiting so that the job restarts from its last complete checkpoint$",

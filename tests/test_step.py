@@ -13,8 +13,15 @@ def batches():
 
 
 @pytest.fixture(scope="module")
-def reference(batches):
-    return Run(tiny_config("mesh.data=8")).losses(batches)
+def replicated():
+    """One compiled replicated step shared by the tests that compare with it (a compile costs
+    more than all their steps)."""
+    return Run(tiny_config("mesh.data=8"))
+
+
+@pytest.fixture(scope="module")
+def reference(batches, replicated):
+    return replicated.losses(batches)
 
 
 @pytest.mark.parametrize("mesh", [(2, 4, 1), (2, 2, 2), (1, 1, 8)])
@@ -66,19 +73,22 @@ def test_fsdp8_argument_bytes_at_most_20_percent_of_replicated():
     assert fsdp <= 0.2 * replicated, (fsdp, replicated)
 
 
-def test_grad_accumulation_equals_one_big_batch(batches):
-    one, s1 = Run(tiny_config("mesh.data=8")).losses(batches[:2])
+def test_grad_accumulation_equals_one_big_batch(batches, replicated):
+    one, s1 = replicated.losses(batches[:2])
     four, s4 = Run(tiny_config("mesh.data=4", "mesh.tensor=2", "train.grad_accum=4")).losses(batches[:2])
     np.testing.assert_allclose(four, one, atol=1e-5)
     for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
-def test_dropout_depends_on_step_only():
+def test_dropout_depends_on_step_only(replicated):
     cfg = tiny_config("mesh.data=8", "model.dropout=0.3")
     b = random_batches(cfg, 3, seed=1)
-    l1, s1 = Run(cfg).losses(b)
-    l2, s2 = Run(cfg).losses(b)
+    # the same Run (one compile) twice: RNG state hidden in it would have moved on by the second
+    # run, which two fresh Runs would each start from the same place and miss
+    run = Run(cfg)
+    l1, s1 = run.losses(b)
+    l2, s2 = run.losses(b)
     assert l1 == l2  # bitwise: the dropout key is (seed, step), not hidden RNG state
-    no_drop, _ = Run(tiny_config("mesh.data=8")).losses(b)
+    no_drop, _ = replicated.losses(b)
     assert abs(l1[0] - no_drop[0]) > 1e-4
