@@ -70,16 +70,24 @@ SUFFIXES = {"-patches": ("conv", "STRIDE1_FILTER_GRAD", "patches"),
             "-bn-autodiff": ("batchnorm", "TRAIN_BACKWARD", "autodiff")}
 
 
+def parse_variant(variant: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """`--conv-impl` value -> (model.conv_impl, the (module, switch, value) of its suffixes)."""
+    conv_impl, switches = variant, []
+    for suffix, switch in SUFFIXES.items():
+        if suffix in conv_impl:
+            conv_impl = conv_impl.replace(suffix, "")
+            switches.append(switch)
+    return conv_impl, switches
+
+
 def bigjax_side(args, x, y, variant: str):
     import importlib
 
     from bigjax.build import one_device
     from bigjax.config import load_config
-    conv_impl, switches = variant, []
-    for suffix, (module, name, value) in SUFFIXES.items():
-        if suffix in conv_impl:
-            conv_impl = conv_impl.replace(suffix, "")
-            switches.append((importlib.import_module(f"bigjax.models.{module}"), name, value))
+    conv_impl, named = parse_variant(variant)
+    switches = [(importlib.import_module(f"bigjax.models.{module}"), name, value)
+                for module, name, value in named]
     cfg = load_config(os.path.join(ROOT, "configs/resnet18_cifar10.yaml"), [
         f"model.stem={args.stem}", "model.image_height=32", "model.image_width=32",
         "model.image_channels=3", "task.num_labels=10", f"train.batch_size={args.batch}",
@@ -130,10 +138,7 @@ def main() -> None:
                    help="bigjax/host_memory.py's malloc settings for the whole process")
     args = p.parse_args()
     for variant in args.conv_impl:
-        base = variant
-        for suffix in SUFFIXES:
-            base = base.replace(suffix, "")
-        if base not in ("auto", "xla", "im2col"):
+        if parse_variant(variant)[0] not in ("auto", "xla", "im2col"):
             p.error(f"--conv-impl {variant}: expected auto, xla or im2col, optionally followed "
                     f"by {' and/or '.join(SUFFIXES)}")
     rng = np.random.default_rng(0)

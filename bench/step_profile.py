@@ -39,7 +39,6 @@ if "--keep-host-memory" in sys.argv:  # before jax starts its threads (see host_
     keep_freed_host_memory()
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 
 from bigjax.build import build  # noqa: E402
 from bigjax.config import load_config  # noqa: E402
@@ -107,16 +106,6 @@ def image_part_of(name: str, op_name: str, opcode: str) -> str:
     return kind + where
 
 
-def image_batch(cfg, seed: int = 0) -> dict[str, np.ndarray]:
-    """A random batch of the model's image shape (float images, integer labels)."""
-    rng = np.random.default_rng(seed)
-    m, b = cfg.model, cfg.train.batch_size
-    return {"images": rng.normal(size=(b, m.image_height, m.image_width, m.image_channels))
-            .astype(np.float32),
-            "labels": rng.integers(0, cfg.task.num_labels, b).astype(np.int32),
-            "weights": np.ones(b, np.float32)}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("config", nargs="?", default="configs/gpt_tiny.yaml")
@@ -137,8 +126,7 @@ def main() -> None:
         cfg = resolve(cfg)  # image shapes come from the data, so image configs give them instead
     parts = build(cfg, make_mesh(cfg.mesh))
     state = parts.init_state()
-    batch = jax.device_put(image_batch(cfg) if images else random_batch(cfg, 0),
-                           parts.batch_sharding)
+    batch = jax.device_put(random_batch(cfg, 0), parts.batch_sharding)
     step = parts.train_step.lower(state, batch).compile()
     hlo = re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(.*?op_name="([^"]*)"',
                      step.as_text(), re.M)

@@ -54,7 +54,7 @@ def check_sizes(cfg: Config) -> None:
 
 def random_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     """A global batch of the configured shape with random tokens, as the task's data builder lays
-    it out (no data needed): causal_lm, masked_lm and classification."""
+    it out (no data needed): causal_lm, masked_lm, classification and image_classification."""
     rng = np.random.default_rng(seed)
     B, T = cfg.train.batch_size, cfg.train.seq_len
     V = max(getattr(cfg.model, "vocab_size", 2), 2)
@@ -85,8 +85,13 @@ def random_batch(cfg: Config, seed: int = 0) -> dict[str, np.ndarray]:
     if name == "classification":
         labels = rng.integers(0, max(cfg.task.num_labels, 1), B, dtype=np.int32)
         return {**encoder, "labels": labels, "weights": ones(B)}
-    raise ConfigError(f"plan and bench make random batches for causal_lm, masked_lm and "
-                      f"classification, not for task.name={name}")
+    if name == "image_classification":  # the model's image shape (image configs give it)
+        m = cfg.model
+        images = rng.normal(size=(B, m.image_height, m.image_width, m.image_channels))
+        labels = rng.integers(0, max(cfg.task.num_labels, 1), B, dtype=np.int32)
+        return {"images": images.astype(np.float32), "labels": labels, "weights": ones(B)}
+    raise ConfigError(f"plan and bench make random batches for causal_lm, masked_lm, "
+                      f"classification and image_classification, not for task.name={name}")
 
 
 def abstract_mesh(shape: tuple[int, int, int]) -> AbstractMesh:

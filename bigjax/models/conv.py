@@ -136,6 +136,18 @@ def _num_chunks(b: int, bytes_per_image: int, budget: int) -> int:
     return next((d for d in divisors if d >= needed), divisors[-1])
 
 
+def _padded_chunks(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int, per_image: int,
+                   budget: int) -> list[tuple[jax.Array, jax.Array]]:
+    """(input padded by k // 2, output gradient) of each chunk of the batch (`_num_chunks`):
+    chunk s holds images s, s + n, s + 2n, ..., strided slices the products read in place."""
+    b, p = x_BHWC.shape[0], k // 2
+    x_p = jnp.pad(x_BHWC, ((0, 0), (p, p), (p, p), (0, 0)))
+    n = _num_chunks(b, per_image, budget)
+    x_chunks = x_p.reshape(b // n, n, *x_p.shape[1:])
+    dy_chunks = dy_BHWO.reshape(b // n, n, *dy_BHWO.shape[1:])
+    return [(x_chunks[:, s], dy_chunks[:, s]) for s in range(n)]
+
+
 def _filter_grad_shifted(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int) -> jax.Array:
     """Stride 1: dW[i, j] = sum over n, h, w of x_p[n, h + i, w + j]^T dy[n, h, w]. The k
     width-shifted copies of the padded input, side by side in channels (B, H + k - 1, W, k*C),
@@ -144,15 +156,11 @@ def _filter_grad_shifted(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int) -> jax.A
     shift rides on the padding, so one product gives all k*k taps from 2k copies where a patch
     matrix needs k*k (stage 1 of a CIFAR ResNet: 107 MB written instead of 151 MB, one
     (k*C) x (k*O) product instead of (k*k*C) x O)."""
-    b, h, w, o = dy_BHWO.shape
-    c, p = x_BHWC.shape[-1], k // 2
-    x_p = jnp.pad(x_BHWC, ((0, 0), (p, p), (p, p), (0, 0)))
-    n = _num_chunks(b, (h + k - 1) * w * k * (c + o) * x_BHWC.dtype.itemsize, SHIFTED_CHUNK_BYTES)
-    x_chunks = x_p.reshape(b // n, n, *x_p.shape[1:])
-    dy_chunks = dy_BHWO.reshape(b // n, n, h, w, o)
+    _, h, w, o = dy_BHWO.shape
+    c = x_BHWC.shape[-1]
+    per_image = (h + k - 1) * w * k * (c + o) * x_BHWC.dtype.itemsize
     acc = jnp.zeros((k * c, k * o), jnp.float32)
-    for s in range(n):
-        xs, dys = x_chunks[:, s], dy_chunks[:, s]
+    for xs, dys in _padded_chunks(x_BHWC, dy_BHWO, k, per_image, SHIFTED_CHUNK_BYTES):
         x_shift = jnp.concatenate([xs[:, :, j:j + w] for j in range(k)], -1)
         dy_shift = jnp.concatenate(
             [jnp.pad(dys, ((0, 0), (i, k - 1 - i), (0, 0), (0, 0))) for i in range(k)], -1)
@@ -164,16 +172,12 @@ def _filter_grad_shifted(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int) -> jax.A
 def _filter_grad_patches(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int, stride: int) -> jax.Array:
     """Any stride: sum over batch and output pixels of patch(x)^T dy, one patch matrix (at most
     PATCH_CHUNK_BYTES) x dy product per chunk of the batch."""
-    b, h_out, w_out, o = dy_BHWO.shape
-    c, p = x_BHWC.shape[-1], k // 2
-    x_p = jnp.pad(x_BHWC, ((0, 0), (p, p), (p, p), (0, 0)))
+    _, h_out, w_out, o = dy_BHWO.shape
+    c = x_BHWC.shape[-1]
     per_image = h_out * w_out * k * k * c * x_BHWC.dtype.itemsize
-    n = _num_chunks(b, per_image, PATCH_CHUNK_BYTES)
-    x_chunks = x_p.reshape(b // n, n, *x_p.shape[1:])
-    dy_chunks = dy_BHWO.reshape(b // n, n, h_out, w_out, o)
     acc = jnp.zeros((k * k * c, o), jnp.float32)
-    for s in range(n):
-        patches = jnp.concatenate(_taps(x_chunks[:, s], k, stride, h_out, w_out), -1)
-        acc += lax.dot_general(patches.reshape(-1, k * k * c), dy_chunks[:, s].reshape(-1, o),
+    for xs, dys in _padded_chunks(x_BHWC, dy_BHWO, k, per_image, PATCH_CHUNK_BYTES):
+        patches = jnp.concatenate(_taps(xs, k, stride, h_out, w_out), -1)
+        acc += lax.dot_general(patches.reshape(-1, k * k * c), dys.reshape(-1, o),
                                (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return acc.reshape(k, k, c, o)
