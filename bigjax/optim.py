@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from bigjax.config import Config, OptimizerConfig
@@ -70,6 +71,19 @@ def _per_path(fn: Callable[[str, jax.Array, Any], jax.Array]) -> optax.GradientT
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """optax's clip (u * min(1, max_norm / |u|), |u| the norm of all updates together), as one
+    scalar factor: a multiply XLA folds into each optimizer fusion that reads the gradient, where
+    optax's select of u or u / |u| * max_norm made it write a copy of every gradient first. The
+    step passes `grad_norm` when it already has the norm (from the unscaled gradient, so that no
+    reduction reads a scaled copy either); the state is optax's (empty), so checkpoints match."""
+    def update(updates, state, params=None, *, grad_norm=None, **extra):
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        factor = jnp.minimum(1.0, max_norm / norm)  # a zero norm: inf -> 1
+        return jax.tree.map(lambda u: u * factor.astype(u.dtype), updates), state
+    return optax.GradientTransformationExtraArgs(optax.init_empty_state, update)
+
+
 def decoupled_decay(o: OptimizerConfig) -> optax.GradientTransformation:
     def fn(path, u, p):
         m = o.weight_decay * decay_factor(o, path)
@@ -94,7 +108,7 @@ def make_optimizer(o: OptimizerConfig, total_steps: int) -> tuple[optax.Gradient
                    else optax.identity())
     else:  # rmsprop
         moments = optax.scale_by_rms(decay=o.decay, eps=o.eps)
-    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
+    parts = [clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     parts.append(moments)
     if o.weight_decay:
         parts.append(decoupled_decay(o))

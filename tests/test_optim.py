@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from bigjax.config import OptimizerConfig
-from bigjax.optim import decay_mask, make_optimizer, make_schedule
+from bigjax.optim import clip_by_global_norm, decay_mask, make_optimizer, make_schedule
 
 PARAMS = {"embed": {"embedding": jnp.ones((4, 2))},
           "layer_0": {"mlp": {"up": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones((3,))}},
@@ -83,3 +83,22 @@ def test_clipping_bounds_the_update():
     new = _update(o, grads)
     delta = jax.tree.map(lambda a, b: a - b, PARAMS, new)
     assert float(optax.tree.norm(delta)) == pytest.approx(1.0, rel=1e-5)
+
+
+@pytest.mark.parametrize("scale", [100.0, 0.01])  # clipped, and left as it is
+def test_clip_is_optaxs_clip_and_takes_the_steps_norm(scale):
+    grads = jax.tree.map(lambda p: scale * (jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) + 1)
+                         / 100, PARAMS)  # global norm 0.18 x scale
+    ours, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    ref, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(ref)):
+        # u * (1 / |u|) vs optax's u / |u| * 1: at most an ulp apart; unclipped, bitwise
+        np.testing.assert_allclose(a, b, rtol=3e-7, atol=0)
+        if scale < 1:
+            np.testing.assert_array_equal(a, b)
+    # the step hands it the norm of the unscaled gradient: that norm, not the updates', decides
+    norm = optax.tree.norm(grads)
+    halved, _ = clip_by_global_norm(1.0).update(grads, optax.EmptyState(), grad_norm=2 * norm)
+    expect = jax.tree.map(lambda g: g * jnp.minimum(1.0, 0.5 / norm), grads)
+    for a, b in zip(jax.tree.leaves(halved), jax.tree.leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=3e-7, atol=0)
