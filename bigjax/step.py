@@ -92,7 +92,7 @@ def make_train_step(spec: ModelSpec, task: Task, tx: optax.GradientTransformatio
                 (jnp.arange(grad_accum), micro))
         # the mean's gradient as one scalar factor, and its norm from the summed gradient: XLA
         # folds a multiply into the optimizer's fusions, where a divide, or a norm of the scaled
-        # gradient, makes it write every gradient out once more (a tenth of a decoder's step)
+        # gradient, makes it write every gradient out once more
         inv_weight = 1 / jnp.maximum(stats["weight"], 1e-9)
         grad_norm = optax.tree.norm(grads) * inv_weight
         grads = jax.tree.map(lambda g: g * inv_weight, grads)
