@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from bigjax.errors import ConfigError
 from bigjax.models import axes
+from bigjax.models.dropout import keep_scale, mix, seeds_of
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "chunked")
 
@@ -199,7 +200,7 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Attent
     when `key` is given and `dropout` > 0."""
     rate = float(dropout) if key is not None and dropout > 0 else 0.0
     impl = choose(implementation, describe(q_BTNH, k_BSKH, mask, rate > 0), jax.default_backend())
-    seeds = jax.random.bits(key, (2,), jnp.uint32) if rate else None
+    seeds = seeds_of(key) if rate else None
     if impl == "xla":
         return _xla(q_BTNH, k_BSKH, v_BSKH, mask, seeds, 0, 0, q_BTNH.shape[2], rate=rate)
     if impl == "cudnn":
@@ -211,27 +212,13 @@ def attend(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array, mask: Attent
 
 # ---- dropout keep masks -----------------------------------------------------------------------
 
-def _mix(x: jax.Array) -> jax.Array:
-    """A 32-bit integer hash with full avalanche (lowbias32, C. Wellons)."""
-    x = x ^ (x >> 16)
-    x = x * jnp.uint32(0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = x * jnp.uint32(0x846CA68B)
-    return x ^ (x >> 16)
-
-
-def _keep_scale(rate: float) -> tuple[np.uint32, float]:
-    threshold = min(round(rate * 2.0 ** 32), 2 ** 32 - 1)
-    return np.uint32(threshold), 2.0 ** 32 / (2.0 ** 32 - threshold)
-
-
 def _keep(seeds, b_R, n_N, t_RT, s_S, n_total: int, rate: float) -> jax.Array:
     """Keep mask R×N×T×S of one block: batch rows b and heads n (global indices), query indices
     t, key indices s."""
     u = lambda x: x.astype(jnp.uint32)
-    row = _mix(u(b_R[:, None] * n_total + n_N[None]) ^ seeds[0])
-    pos = _mix(_mix(u(t_RT) ^ seeds[1])[:, :, None] ^ u(s_S)[None, None, :])
-    return _mix(pos[:, None] ^ row[:, :, None, None]) >= _keep_scale(rate)[0]
+    row = mix(u(b_R[:, None] * n_total + n_N[None]) ^ seeds[0])
+    pos = mix(mix(u(t_RT) ^ seeds[1])[:, :, None] ^ u(s_S)[None, None, :])
+    return mix(pos[:, None] ^ row[:, :, None, None]) >= keep_scale(rate)[0]
 
 
 # ---- xla: the plain computation ---------------------------------------------------------------
@@ -252,7 +239,7 @@ def _xla(q, k, v, mask: AttentionMask, seeds, b_off, n_off, n_total: int, *, rat
     if rate:
         keep = _keep(seeds, b_off + jnp.arange(B), n_off + jnp.arange(N), mask.query_indices(T),
                      jnp.arange(S), n_total, rate)
-        probs = jnp.where(keep, probs * _keep_scale(rate)[1], 0.0)
+        probs = jnp.where(keep, probs * keep_scale(rate)[1], 0.0)
     probs = probs.astype(q.dtype)
     if G == 1:
         out = jnp.einsum("bnts,bsnh->btnh", probs, v)
@@ -577,7 +564,7 @@ def _forward_rows(blocks: _Blocks, b0, n_off, seeds, q, k, v, q_index, q_seg, k_
             l = l * corr + p.sum(-1)
             if blocks.rate:
                 keep = _keep(seeds, b_R, n_N, ti, s_S, blocks.n_total, blocks.rate)
-                p = jnp.where(keep, p * _keep_scale(blocks.rate)[1], 0.0)
+                p = jnp.where(keep, p * keep_scale(blocks.rate)[1], 0.0)
             pv = _pv(p.astype(v.dtype), _slice(v, j * sk, sk, 2))
             return m_new, l, acc * corr[..., None] + pv
 
@@ -621,7 +608,7 @@ def _backward_rows(blocks: _Blocks, b0, n_off, seeds, q, k, v, q_index, q_seg, k
             dp = _qk(doi, vj)
             if blocks.rate:
                 z = jnp.where(_keep(seeds, b_R, n_N, ti, s_S, blocks.n_total, blocks.rate),
-                              _keep_scale(blocks.rate)[1], 0.0)
+                              keep_scale(blocks.rate)[1], 0.0)
                 pd, dp = p * z, dp * z
             else:
                 pd = p

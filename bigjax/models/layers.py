@@ -21,6 +21,7 @@ from bigjax.errors import ConfigError
 from bigjax.models import attention
 from bigjax.models.attention import AttentionMask, attend
 from bigjax.models.axes import Axes, param
+from bigjax.models.dropout import dropout
 
 
 @dataclass(frozen=True)
@@ -151,29 +152,8 @@ def rotary(x_BTNH: jax.Array, positions_BT: jax.Array, theta: float) -> jax.Arra
 
 def drop(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
     """Dropout in training (`rngs` given), the identity in evaluation (`rngs` None): what the
-    models call; `dropout` below draws the mask."""
+    models call; `dropout` (bigjax/models/dropout.py) draws the mask."""
     return x if rngs is None or rate <= 0 else dropout(x, rate, rngs.dropout())
-
-
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout drawn from 16-bit random numbers (rate rounded to 1/65536).
-
-    Two draws per 32-bit random word: about half the cost of `jax.random.bernoulli` (one word per
-    element), which matters on CPU, where a MiniLM step draws ~100M dropout decisions.
-    (Attention dropout draws its masks from a hash instead: bigjax/models/attention.py.)
-    """
-    if key is None or rate <= 0:
-        return x
-    threshold = round(rate * 65536)
-    shape = x.shape
-    if shape[-1] % 2:
-        bits = jax.random.bits(key, shape, jnp.uint16)
-    else:
-        words = jax.random.bits(key, shape[:-1] + (shape[-1] // 2,), jnp.uint32)
-        bits = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
-    keep = bits >= threshold
-    scale = jnp.asarray(65536 / (65536 - threshold), x.dtype)
-    return jnp.where(keep, x * scale, 0).astype(x.dtype)
 
 
 def remat_policy(remat: str):
