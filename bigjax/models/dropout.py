@@ -49,7 +49,7 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     seeds = seeds_of(key)
     *lead, cols = x.shape
     row = jnp.zeros(lead, jnp.uint32)
-    for axis, n in enumerate(lead):  # the row's flat index; wraps past 2^32 rows, still distinct enough
+    for axis, n in enumerate(lead):  # the row's flat index, modulo 2^32
         row = row * jnp.uint32(n) + lax.broadcasted_iota(jnp.uint32, lead, axis)
     col = lax.broadcasted_iota(jnp.uint32, x.shape, x.ndim - 1)
     keep = mix(mix(row ^ seeds[0])[..., None] ^ col ^ seeds[1]) >= threshold
