@@ -15,6 +15,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from bigjax import xla_cpu
 from bigjax.mesh import to_sharding
 from bigjax.models import lora
 from bigjax.models.axes import constraints
@@ -131,7 +132,8 @@ def with_activation_sharding(fn, mesh, rules):
 def jit_train_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated), donate_argnums=0,
+                   compiler_options=xla_cpu.compiler_options())
 
 
 def jit_train_step_with_inputs(step_fn, state_shardings: TrainState, batch_shardings: Any,
@@ -147,7 +149,8 @@ def jit_train_step_with_inputs(step_fn, state_shardings: TrainState, batch_shard
             arrays, shardings = load_inputs()
             box["inputs"] = arrays
             box["fn"] = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, shardings),
-                                out_shardings=(state_shardings, replicated), donate_argnums=0)
+                                out_shardings=(state_shardings, replicated), donate_argnums=0,
+                                compiler_options=xla_cpu.compiler_options())
         return box["fn"](state, batch, box["inputs"])
 
     return train_step
@@ -156,4 +159,5 @@ def jit_train_step_with_inputs(step_fn, state_shardings: TrainState, batch_shard
 def jit_eval_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
     return jax.jit(step_fn, in_shardings=(state_shardings.params, state_shardings.model_state,
-                                          batch_shardings), out_shardings=replicated)
+                                          batch_shardings), out_shardings=replicated,
+                   compiler_options=xla_cpu.compiler_options())

@@ -4,6 +4,8 @@ FLOP counts against torchvision's published figures, config errors."""
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -28,6 +30,27 @@ def resnet_config(*overrides: str):
                               "task.num_labels=10", "model.image_height=32", "model.image_width=32",
                               "model.image_channels=3", "train.batch_size=8", "train.seq_len=1",
                               *overrides])
+
+
+def test_steps_compile_convolutions_outside_ynnpack():
+    """bigjax/xla_cpu.py: on CPU the train step keeps every convolution on XLA's own
+    kernels (YNNPACK ran ResNet-18's widest ones on one core of two); matrix products and
+    reductions stay on YNNPACK. Without the options 4 of this network's 5 convolution bodies are
+    YNNPACK fusions."""
+    from bigjax.plan import random_batch
+    from bigjax.xla_cpu import compiler_options
+    assert compiler_options() is not None  # this jaxlib takes the option, else the test is void
+    parts = one_device(resnet_config("model.blocks=[1,1,1,1]", "model.width=16"))
+    state = parts.init_state()
+    batch = jax.device_put(random_batch(parts.cfg, 0), parts.batch_sharding)
+    # the train step (eval and predict steps are jitted with the same options: bigjax/step.py)
+    hlo = parts.train_step.lower(state, batch).compile().as_text()
+    ynn_bodies = set(re.findall(r"kind=kCustom, calls=(%[\w.\-]+)", hlo))
+    bodies = re.split(r"\n(?=%|ENTRY)", hlo)
+    assert any("convolution(" in b for b in bodies)
+    assert not [b.split(" ")[0] for b in bodies
+                if "convolution(" in b and b.split(" ")[0] in ynn_bodies]
+    assert ynn_bodies  # the classifier's matmul and the reductions
 
 
 def _torch_model(depth: int):
