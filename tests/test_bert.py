@@ -14,7 +14,7 @@ from bigjax import mesh as mesh_lib
 from bigjax.config import MeshConfig, load_config
 from bigjax.errors import ConfigError
 from bigjax.models.axes import constraints
-from bigjax.models import create_model, layers
+from bigjax.models import create_model
 from bigjax.state import model_spec
 
 TINY = ["model.name=bert", "model.vocab_size=128", "model.d_model=32", "model.n_heads=4",
