@@ -10,6 +10,8 @@ the same hash (bigjax/models/attention.py).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,10 +49,8 @@ def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
         return x
     threshold, scale = keep_scale(rate)
     seeds = seeds_of(key)
-    *lead, cols = x.shape
-    row = jnp.zeros(lead, jnp.uint32)
-    for axis, n in enumerate(lead):  # the row's flat index, modulo 2^32
-        row = row * jnp.uint32(n) + lax.broadcasted_iota(jnp.uint32, lead, axis)
+    lead = x.shape[:-1]
+    row = jnp.arange(math.prod(lead), dtype=jnp.uint32).reshape(lead)  # the row's flat index
     col = lax.broadcasted_iota(jnp.uint32, x.shape, x.ndim - 1)
     keep = mix(mix(row ^ seeds[0])[..., None] ^ col ^ seeds[1]) >= threshold
     return jnp.where(keep, x * jnp.asarray(scale, x.dtype), 0).astype(x.dtype)
