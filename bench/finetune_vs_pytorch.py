@@ -3,6 +3,7 @@ Trainer on PyTorch, in one process, with the same hyperparameters and number of 
 
     .venv/bin/python bench/finetune_vs_pytorch.py                       # seq 128, batch 32, 200 steps
     .venv/bin/python bench/finetune_vs_pytorch.py --steps 4 --chunk 2 --val 64 --profile  # smoke run
+    .venv/bin/python bench/finetune_vs_pytorch.py --keep-host-memory   # as `bigjax train` runs
 
 Measurements alternate: after every `--chunk` PyTorch steps (a Trainer callback) bigjax runs
 `--chunk` steps, so both see the same machine load; the first chunk of each (compilation, warm-up)
@@ -11,7 +12,10 @@ LayerNorm weights), linear decay to 0 without warm-up, global-norm clipping at 1
 weights (bigjax's, classifier included, exported to PyTorch; the script prints both losses on one
 batch as a check).
 Prints tokens/s of both (from the median step), the ratio, both validation accuracies, and (if bigjax is slower or with
---profile) where bigjax's step time goes, from jitted pieces timed alone.
+--profile) where bigjax's step time goes, from jitted pieces timed alone. `--keep-host-memory`
+applies bigjax/host_memory.py's malloc settings (what `bigjax` commands do on CPU) to the whole
+process, PyTorch included, before jax starts: without them XLA:CPU faults in its step's
+temporaries afresh every step.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "tests"))
+if "--keep-host-memory" in sys.argv:  # before jax starts its threads (see host_memory.py)
+    from bigjax.host_memory import keep_freed_host_memory
+    keep_freed_host_memory()
+
 from torchvision_ref import make_transformers_importable  # noqa: E402
 
 make_transformers_importable()  # the test extra's torchvision may be a CUDA build (see there)
@@ -277,6 +285,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=10, help="steps per alternation")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="always print the time breakdown")
+    p.add_argument("--keep-host-memory", action="store_true",
+                   help="bigjax/host_memory.py's malloc settings for the whole process")
     args = p.parse_args()
     if args.steps < 2 * args.chunk or args.steps % args.chunk:
         p.error("--steps must be a multiple of --chunk and at least two chunks")
@@ -297,7 +307,8 @@ def main() -> None:
     import torch
     print(f"\nMiniLM-L6 finetune, batch {args.batch} x seq {args.seq_len}, {args.steps} steps, "
           f"{len(va_labels)} validation texts, {os.cpu_count()} CPUs, "
-          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}, "
+          f"keep-host-memory {args.keep_host_memory}")
     print(f"{'':26s}{'step s (median)':>16s}{'tokens/s':>11s}{'val acc':>9s}")
     for name, ts, tps, acc in (("PyTorch + HF Trainer", pt_times, pt_tps, pt_acc),
                                ("bigjax", bj.times, bj_tps, bj_acc)):
