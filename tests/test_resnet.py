@@ -35,8 +35,8 @@ def resnet_config(*overrides: str):
 def test_steps_compile_convolutions_outside_ynnpack():
     """bigjax/xla_cpu.py: on CPU the train step keeps every convolution on XLA's own
     kernels (YNNPACK ran ResNet-18's widest ones on one core of two); matrix products and
-    reductions stay on YNNPACK. Without the options 4 of this network's 5 convolution bodies are
-    YNNPACK fusions."""
+    reductions stay in library fusions (tests/test_xla_cpu.py says which). Without the options 4
+    of this network's 5 convolution bodies are YNNPACK fusions."""
     from bigjax.plan import random_batch
     from bigjax.xla_cpu import compiler_options
     assert compiler_options() is not None  # this jaxlib takes the option, else the test is void
@@ -50,7 +50,7 @@ def test_steps_compile_convolutions_outside_ynnpack():
     assert any("convolution(" in b for b in bodies)
     assert not [b.split(" ")[0] for b in bodies
                 if "convolution(" in b and b.split(" ")[0] in ynn_bodies]
-    assert ynn_bodies  # the classifier's matmul and the reductions
+    assert ynn_bodies  # the classifier's matmul and the reductions (YNNPACK or oneDNN)
 
 
 def _torch_model(depth: int):
