@@ -54,7 +54,12 @@ class Components:
         view = self.param_view
         inner = fn if view is None else (lambda p, ms, b: fn(view(p), ms, b))
         return jit_eval_step(with_activation_sharding(inner, self.mesh, self.cfg.sharding.rules),
-                             self.shardings, self.batch_sharding)
+                             self.shardings, self.batch_sharding, dtype=compute_dtype(self.cfg))
+
+
+def compute_dtype(cfg: Config) -> str:
+    """The model's compute dtype (a plug-in family's config may have none: float32)."""
+    return getattr(cfg.model, "dtype", None) or "float32"
 
 
 def build(cfg: Config, mesh: Mesh) -> Components:
@@ -74,12 +79,12 @@ def build(cfg: Config, mesh: Mesh) -> Components:
     if hasattr(task, "step_inputs"):  # e.g. a distillation teacher: loaded on the first step
         train_step = jit_train_step_with_inputs(
             with_activation_sharding(step, mesh, axes), shardings, batch_sharding,
-            lambda: task.step_inputs(mesh, axes))
+            lambda: task.step_inputs(mesh, axes), dtype=compute_dtype(cfg))
     else:
         train_step = jit_train_step(with_activation_sharding(step, mesh, axes), shardings,
-                                    batch_sharding)
+                                    batch_sharding, dtype=compute_dtype(cfg))
     eval_step = jit_eval_step(with_activation_sharding(make_eval_step(spec, task), mesh, axes),
-                              shardings, batch_sharding)
+                              shardings, batch_sharding, dtype=compute_dtype(cfg))
     return Components(cfg, mesh, spec, task, tx, schedule, abstract, shardings, batch_sharding,
                       train_step, eval_step, rules)
 

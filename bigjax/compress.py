@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bigjax.build import Components
+from bigjax.build import Components, compute_dtype
 from bigjax.config import Config, save_config, updated
 from bigjax.errors import CheckpointError
 from bigjax.mesh import path_str
@@ -126,7 +126,7 @@ def int8_components(parts: Components) -> Components:
     inner = make_eval_step(parts.spec, parts.task)
     eval_step = jit_eval_step(with_activation_sharding(
         lambda p, ms, b: inner(view(p), ms, b), mesh, parts.cfg.sharding.rules),
-        shardings, parts.batch_sharding)
+        shardings, parts.batch_sharding, dtype=compute_dtype(parts.cfg))
     return dataclasses.replace(parts, abstract=abstract, shardings=shardings, eval_step=eval_step,
                                param_view=view)
 

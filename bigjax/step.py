@@ -129,15 +129,16 @@ def with_activation_sharding(fn, mesh, rules):
     return wrapped
 
 
-def jit_train_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
+def jit_train_step(step_fn, state_shardings: TrainState, batch_shardings: Any, *, dtype: str):
+    """`dtype`: the model's compute dtype, for the XLA:CPU options (bigjax/xla_cpu.py)."""
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=0,
-                   compiler_options=xla_cpu.compiler_options())
+                   compiler_options=xla_cpu.compiler_options(dtype))
 
 
 def jit_train_step_with_inputs(step_fn, state_shardings: TrainState, batch_shardings: Any,
-                               load_inputs: Callable[[], tuple[Any, Any]]):
+                               load_inputs: Callable[[], tuple[Any, Any]], *, dtype: str):
     """`(state, batch) -> (state, metrics)` for a task with arrays of its own: `load_inputs()`
     gives (arrays, their shardings) on first call; they enter the jitted step as an argument, so
     they are sharded like any input, never part of the state and never in a checkpoint."""
@@ -150,14 +151,14 @@ def jit_train_step_with_inputs(step_fn, state_shardings: TrainState, batch_shard
             box["inputs"] = arrays
             box["fn"] = jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings, shardings),
                                 out_shardings=(state_shardings, replicated), donate_argnums=0,
-                                compiler_options=xla_cpu.compiler_options())
+                                compiler_options=xla_cpu.compiler_options(dtype))
         return box["fn"](state, batch, box["inputs"])
 
     return train_step
 
 
-def jit_eval_step(step_fn, state_shardings: TrainState, batch_shardings: Any):
+def jit_eval_step(step_fn, state_shardings: TrainState, batch_shardings: Any, *, dtype: str):
     replicated = NamedSharding(jax.tree.leaves(state_shardings)[0].mesh, P())
     return jax.jit(step_fn, in_shardings=(state_shardings.params, state_shardings.model_state,
                                           batch_shardings), out_shardings=replicated,
-                   compiler_options=xla_cpu.compiler_options())
+                   compiler_options=xla_cpu.compiler_options(dtype))

@@ -24,9 +24,11 @@ def _dense_grads(x, w):
 
 
 def test_first_option_set_is_taken_and_products_land_in_its_library():
-    options = xla_cpu.compiler_options()
+    options = xla_cpu.compiler_options("float32")
     # this jax takes its first choice, else the test (and the measured speed) would be void
-    assert options == xla_cpu.candidates()[0]
+    assert options == xla_cpu.candidates("float32")[0]
+    # bfloat16 products stay where XLA puts them (oneDNN kept more temporaries: xla_cpu.py)
+    assert xla_cpu.compiler_options("bfloat16") == xla_cpu.CONV_ON_EIGEN
     x = jax.random.normal(jax.random.key(0), (64, 48))
     w = jax.random.normal(jax.random.key(1), (48, 32)) / 7
     hlo = jax.jit(_dense_grads, compiler_options=options).lower(x, w).compile().as_text()
@@ -47,14 +49,14 @@ def test_first_option_set_is_taken_and_products_land_in_its_library():
 
 def test_refused_option_sets_fall_through_to_the_next(monkeypatch, caplog):
     bad = {"xla_cpu_no_such_option": True}
-    monkeypatch.setattr(xla_cpu, "candidates", lambda: [bad, xla_cpu.CONV_ON_EIGEN])
+    monkeypatch.setattr(xla_cpu, "candidates", lambda dtype: [bad, xla_cpu.CONV_ON_EIGEN])
     xla_cpu.compiler_options.cache_clear()
     try:
-        assert xla_cpu.compiler_options() == xla_cpu.CONV_ON_EIGEN
+        assert xla_cpu.compiler_options("float32") == xla_cpu.CONV_ON_EIGEN
         assert "xla_cpu_no_such_option" in caplog.text
-        monkeypatch.setattr(xla_cpu, "candidates", lambda: [bad])
+        monkeypatch.setattr(xla_cpu, "candidates", lambda dtype: [bad])
         xla_cpu.compiler_options.cache_clear()
-        assert xla_cpu.compiler_options() is None
+        assert xla_cpu.compiler_options("float32") is None
     finally:
         monkeypatch.undo()
         xla_cpu.compiler_options.cache_clear()
