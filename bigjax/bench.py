@@ -16,7 +16,7 @@ import numpy as np
 
 from bigjax import perf
 from bigjax.build import build
-from bigjax.config import Config
+from bigjax.config import Config, compute_dtype
 from bigjax.errors import ConfigError
 from bigjax.mesh import make_mesh
 from bigjax.plan import check_sizes, compiled_memory, fmt_bytes, fmt_count, random_batch
@@ -70,7 +70,7 @@ def run_bench(cfg: Config, steps: int = 10) -> BenchResult:
     check_sizes(cfg)
     mesh = make_mesh(cfg.mesh)
     parts = build(cfg, mesh)
-    dtype = getattr(cfg.model, "dtype", "float32")
+    dtype = compute_dtype(cfg)
     state = parts.init_state()
     batches = [jax.device_put(random_batch(cfg, seed), parts.batch_sharding) for seed in range(2)]
     t0 = time.perf_counter()

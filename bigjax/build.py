@@ -14,7 +14,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from bigjax import mesh as mesh_lib
-from bigjax.config import Config
+from bigjax.config import Config, compute_dtype
 from bigjax.optim import ParamRules, make_optimizer, param_rules
 from bigjax.state import ModelSpec, TrainState, count_params, init_state, model_spec, state_shardings
 from bigjax.step import (jit_eval_step, jit_train_step, jit_train_step_with_inputs, make_eval_step,
@@ -57,11 +57,6 @@ class Components:
                              self.shardings, self.batch_sharding, dtype=compute_dtype(self.cfg))
 
 
-def compute_dtype(cfg: Config) -> str:
-    """The model's compute dtype (a plug-in family's config may have none: float32)."""
-    return getattr(cfg.model, "dtype", None) or "float32"
-
-
 def build(cfg: Config, mesh: Mesh) -> Components:
     """Raises ConfigError for a batch or a parameter that does not split over the mesh."""
     mesh_lib.check_batch(cfg.train, cfg.sharding.rules, mesh)
@@ -74,17 +69,18 @@ def build(cfg: Config, mesh: Mesh) -> Components:
     axes = cfg.sharding.rules
     batch_sharding = NamedSharding(mesh, mesh_lib.batch_spec(axes, mesh, 1))
     rules = param_rules(cfg, spec.abstract_params)  # a rule that matches nothing fails here
+    dtype = compute_dtype(cfg)  # picks the XLA:CPU options (bigjax/xla_cpu.py)
     step = make_train_step(spec, task, tx, schedule, grad_accum=cfg.train.grad_accum, seed=cfg.seed,
                            trainable=None if rules.all_trainable else rules.trainable)
     if hasattr(task, "step_inputs"):  # e.g. a distillation teacher: loaded on the first step
         train_step = jit_train_step_with_inputs(
             with_activation_sharding(step, mesh, axes), shardings, batch_sharding,
-            lambda: task.step_inputs(mesh, axes), dtype=compute_dtype(cfg))
+            lambda: task.step_inputs(mesh, axes), dtype=dtype)
     else:
         train_step = jit_train_step(with_activation_sharding(step, mesh, axes), shardings,
-                                    batch_sharding, dtype=compute_dtype(cfg))
+                                    batch_sharding, dtype=dtype)
     eval_step = jit_eval_step(with_activation_sharding(make_eval_step(spec, task), mesh, axes),
-                              shardings, batch_sharding, dtype=compute_dtype(cfg))
+                              shardings, batch_sharding, dtype=dtype)
     return Components(cfg, mesh, spec, task, tx, schedule, abstract, shardings, batch_sharding,
                       train_step, eval_step, rules)
 

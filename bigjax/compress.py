@@ -24,8 +24,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bigjax.build import Components, compute_dtype
-from bigjax.config import Config, save_config, updated
+from bigjax.build import Components
+from bigjax.config import Config, compute_dtype, save_config, updated
 from bigjax.errors import CheckpointError
 from bigjax.mesh import path_str
 from bigjax.models import create_model

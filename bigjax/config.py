@@ -623,6 +623,11 @@ def example_len(cfg: Config) -> int:
         else cfg.train.seq_len
 
 
+def compute_dtype(cfg: Config) -> str:
+    """The model's compute dtype (a plug-in family's config may have none: float32)."""
+    return getattr(cfg.model, "dtype", None) or "float32"
+
+
 def eval_batch_size(cfg: Config) -> int:
     """Examples per evaluation batch: one micro-batch of training rows, times the texts of
     `example_len` that fit one row when packing, so evaluation batches hold about as many

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from bigjax import registry
-from bigjax.config import Config
+from bigjax.config import Config, compute_dtype
 from bigjax.errors import ConfigError
 
 
@@ -197,7 +197,7 @@ def peak(cfg: Config) -> Peak:
     """The peak of all devices: `train.peak_tflops` per device when set, else the table's entry
     for the device type in the model's compute dtype, else (CPU) the measured host peak."""
     n = jax.device_count()
-    dtype = getattr(cfg.model, "dtype", "float32")
+    dtype = compute_dtype(cfg)
     if cfg.train.peak_tflops > 0:
         return Peak(cfg.train.peak_tflops * T * n,
                     f"train.peak_tflops={cfg.train.peak_tflops} x {n} devices")

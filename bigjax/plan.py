@@ -28,7 +28,7 @@ from jax.sharding import AbstractMesh
 
 from bigjax import mesh as mesh_lib
 from bigjax import perf
-from bigjax.config import Config
+from bigjax.config import Config, compute_dtype
 from bigjax.errors import ConfigError
 from bigjax.mesh import MESH_AXES
 from bigjax.models import attention
@@ -362,7 +362,7 @@ def make_plan(cfg: Config, devices: int, device_type: str, tokens: float | None 
         raise ConfigError(f"--devices must be at least 1, got {devices}")
     if not 0 < mfu <= 1:
         raise ConfigError(f"--mfu must be in (0, 1], got {mfu}")
-    dtype = getattr(cfg.model, "dtype", "float32")
+    dtype = compute_dtype(cfg)
     dev = perf.device_type(device_type, dtype)
     shape = mesh_for(cfg, devices)
     planner = Planner(cfg, device_type)
