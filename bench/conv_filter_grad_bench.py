@@ -7,7 +7,9 @@ bigjax's stride-1 shifted copies, its patch matrix, and XLA's own, timed alterna
 Each method is one jitted function of (x, dy) for a shape; after a warm-up call each, the methods
 run in turn `--repeats` times; the script prints the median milliseconds and GFLOP/s of each
 (2 x B x H x W x 9 x C x O FLOPs) and the ratio patches / shifted. XLA's filter gradient is the
-vjp of `lax.conv_general_dilated` (skipped at 32x32 unless `--xla-at-32`: ~1 s a call there).
+vjp of `lax.conv_general_dilated` (skipped at 32x32 unless `--xla-at-32`, where YNNPACK's took
+~1 s a call). Every method is compiled with the train step's XLA:CPU options
+(`bigjax.xla_cpu.compiler_options`), so the figures are those of the programs a step runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from bigjax import xla_cpu  # noqa: E402
 from bigjax.models import conv  # noqa: E402
 
 CHANNELS = {32: 64, 16: 128, 8: 256, 4: 512}  # ResNet-18's stages on 32x32 images
@@ -50,7 +53,8 @@ def main() -> None:
                    "patches": lambda x, dy: conv._filter_grad_patches(x, dy, 3, 1)}
         if size < 32 or args.xla_at_32:
             methods["xla"] = xla_filter_grad
-        fns = {k: jax.jit(f) for k, f in methods.items()}
+        opts = xla_cpu.compiler_options("float32")  # as the train step compiles
+        fns = {k: jax.jit(f, compiler_options=opts) for k, f in methods.items()}
         for f in fns.values():
             jax.block_until_ready(f(x, dy))
         times: dict[str, list[float]] = {k: [] for k in fns}

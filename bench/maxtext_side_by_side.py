@@ -9,7 +9,14 @@ recomputes elementwise work). MaxText 0.2.5 runs through `../shared/peers/maxtex
 through `bigjax bench`; each round runs both once per setting, and the tables give medians over
 rounds of each system's median step and their ratio.
 
+MaxText runs on its own jax (0.12 from Python 3.12). `--bigjax-python` runs bigjax (this source
+tree) under each interpreter given, one column each in the same alternation: a Python 3.12
+environment with bigjax's dependencies (`PYTHON=python3.12 bash scripts/setup.sh` in a second
+clone) puts bigjax on the same jax and XLA as MaxText.
+
     .venv/bin/python bench/maxtext_side_by_side.py --rounds 3 --steps 20
+    .venv/bin/python bench/maxtext_side_by_side.py --bigjax-python .venv/bin/python \
+        ../bigjax312/.venv/bin/python
 """
 
 from __future__ import annotations
@@ -32,10 +39,22 @@ SETTINGS = {"remat full": ("model.remat=full", "remat_policy=full"),
 MT_LINE = re.compile(r"completed step: (\d+), seconds: ([0-9.]+), .*Tokens/s/device: ([0-9.]+)")
 
 
-def bigjax_tokens_per_s(remat: str, steps: int) -> float:
+def jax_version(python: str) -> str:
+    try:
+        out = subprocess.run([python, "-c", "import jax; print(jax.__version__)"], cwd=ROOT,
+                             capture_output=True, text=True)
+    except OSError as e:
+        raise SystemExit(f"maxtext_side_by_side: --bigjax-python {python}: {e.strerror}")
+    if out.returncode or not out.stdout.strip():
+        raise SystemExit(f"maxtext_side_by_side: --bigjax-python {python} cannot import jax")
+    return out.stdout.strip()
+
+
+def bigjax_tokens_per_s(python: str, remat: str, steps: int) -> float:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one device, as MaxText's run
-    out = subprocess.run([sys.executable, "-m", "bigjax.cli", "bench", "configs/gpt_tiny.yaml",
+    # `-m` from ROOT: this source tree's bigjax, whichever environment the interpreter has
+    out = subprocess.run([python, "-m", "bigjax.cli", "bench", "configs/gpt_tiny.yaml",
                           *BIGJAX, remat, "--steps", str(steps), "--json"], cwd=ROOT, env=env,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
@@ -60,21 +79,28 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--maxtext", default=os.path.join(ROOT, "..", "shared", "peers",
                                                       "maxtext_cpu.sh"))
+    ap.add_argument("--bigjax-python", nargs="+", default=[sys.executable], metavar="PYTHON",
+                    help="interpreters to run bigjax under, one column each (default: this one)")
     args = ap.parse_args()
-    results: dict[str, dict[str, list[float]]] = {s: {"bigjax": [], "maxtext": []}
+    systems = {f"bigjax (jax {jax_version(py)})": py for py in args.bigjax_python}
+    if len(systems) < len(args.bigjax_python):
+        ap.error("--bigjax-python: two interpreters with the same jax version")
+    results: dict[str, dict[str, list[float]]] = {s: {k: [] for k in [*systems, "MaxText"]}
                                                   for s in SETTINGS}
     for r in range(args.rounds):
         for name, (ours, theirs) in SETTINGS.items():
-            results[name]["bigjax"].append(bigjax_tokens_per_s(ours, args.steps))
-            results[name]["maxtext"].append(maxtext_tokens_per_s(args.maxtext, theirs, args.steps))
-            print(f"round {r + 1} {name}: bigjax {results[name]['bigjax'][-1]:,.0f} tokens/s, "
-                  f"MaxText {results[name]['maxtext'][-1]:,.0f}", flush=True)
-    print("| setting | bigjax tokens/s | MaxText tokens/s | ratio (median of rounds) |")
+            res = results[name]
+            for label, py in systems.items():
+                res[label].append(bigjax_tokens_per_s(py, ours, args.steps))
+            res["MaxText"].append(maxtext_tokens_per_s(args.maxtext, theirs, args.steps))
+            print(f"round {r + 1} {name}: " + ", ".join(
+                f"{k} {v[-1]:,.0f}" for k, v in res.items()) + " tokens/s", flush=True)
+    print("| setting | system | tokens/s | ratio to MaxText (median of rounds) |")
     print("|---|---|---|---|")
     for name, res in results.items():
-        ratio = statistics.median(b / m for b, m in zip(res["bigjax"], res["maxtext"]))
-        print(f"| {name} | {statistics.median(res['bigjax']):,.0f} | "
-              f"{statistics.median(res['maxtext']):,.0f} | {ratio:.2f}x |")
+        for label in [*systems, "MaxText"]:
+            ratio = statistics.median(b / m for b, m in zip(res[label], res["MaxText"]))
+            print(f"| {name} | {label} | {statistics.median(res[label]):,.0f} | {ratio:.2f}x |")
 
 
 if __name__ == "__main__":
