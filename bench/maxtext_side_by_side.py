@@ -56,7 +56,11 @@ def bigjax_tokens_per_s(python: str, remat: str, steps: int) -> float:
     # `-m` from ROOT: this source tree's bigjax, whichever environment the interpreter has
     out = subprocess.run([python, "-m", "bigjax.cli", "bench", "configs/gpt_tiny.yaml",
                           *BIGJAX, remat, "--steps", str(steps), "--json"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if out.returncode:
+        tail = (out.stdout + out.stderr).strip().splitlines()[-3:]
+        raise SystemExit(f"maxtext_side_by_side: bigjax under {python} failed (exit "
+                         f"{out.returncode}): " + " | ".join(tail))
     return json.loads(out.stdout.strip().splitlines()[-1])["tokens_per_s"]
 
 
