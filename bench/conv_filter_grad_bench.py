@@ -43,6 +43,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--xla-at-32", action="store_true")
     args = p.parse_args()
+    opts = xla_cpu.compiler_options("float32")  # as the train step compiles
     print(f"jax {jax.__version__}; load average {os.getloadavg()[0]:.1f}", flush=True)
     for size in args.sizes:
         c = CHANNELS[size]
@@ -53,7 +54,6 @@ def main() -> None:
                    "patches": lambda x, dy: conv._filter_grad_patches(x, dy, 3, 1)}
         if size < 32 or args.xla_at_32:
             methods["xla"] = xla_filter_grad
-        opts = xla_cpu.compiler_options("float32")  # as the train step compiles
         fns = {k: jax.jit(f, compiler_options=opts) for k, f in methods.items()}
         for f in fns.values():
             jax.block_until_ready(f(x, dy))
