@@ -24,6 +24,7 @@ from flax import nnx
 from jax import lax
 
 from bigjax.models.axes import param
+from bigjax.models.matmul import dot_general_f32
 
 ConvImpl = Literal["auto", "xla", "im2col"]
 IMPLS = ("auto", "xla", "im2col")
@@ -164,8 +165,8 @@ def _filter_grad_shifted(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int) -> jax.A
         x_shift = jnp.concatenate([xs[:, :, j:j + w] for j in range(k)], -1)
         dy_shift = jnp.concatenate(
             [jnp.pad(dys, ((0, 0), (i, k - 1 - i), (0, 0), (0, 0))) for i in range(k)], -1)
-        acc += lax.dot_general(x_shift.reshape(-1, k * c), dy_shift.reshape(-1, k * o),
-                               (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        acc += dot_general_f32(x_shift.reshape(-1, k * c), dy_shift.reshape(-1, k * o),
+                               (((0,), (0,)), ((), ())))
     return acc.reshape(k, c, k, o).transpose(2, 0, 1, 3)  # [j, c, i, o] -> HWIO
 
 
@@ -178,6 +179,6 @@ def _filter_grad_patches(x_BHWC: jax.Array, dy_BHWO: jax.Array, k: int, stride: 
     acc = jnp.zeros((k * k * c, o), jnp.float32)
     for xs, dys in _padded_chunks(x_BHWC, dy_BHWO, k, per_image, PATCH_CHUNK_BYTES):
         patches = jnp.concatenate(_taps(xs, k, stride, h_out, w_out), -1)
-        acc += lax.dot_general(patches.reshape(-1, k * k * c), dys.reshape(-1, o),
-                               (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        acc += dot_general_f32(patches.reshape(-1, k * k * c), dys.reshape(-1, o),
+                               (((0,), (0,)), ((), ())))
     return acc.reshape(k, k, c, o)

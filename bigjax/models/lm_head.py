@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bigjax.models.axes import Axes, constrain
+from bigjax.models.matmul import dot_general_f32
 
 Stats = dict[str, jax.Array]
 LOGITS = ("batch", "length", "vocab")  # a chunk's logits: rows as the batch, vocab as the head
@@ -27,7 +28,7 @@ HIDDEN = ("batch", "length", "act_embed")
 @dataclass(frozen=True)
 class OutputHead:
     """The projection hidden (..., D) -> logits (..., V) of a language model, as data: one matmul
-    in the compute dtype that accumulates and returns float32 (`preferred_element_type`; bfloat16
+    in the compute dtype that accumulates and returns float32 (`matmul.dot_general_f32`; bfloat16
     logits are never formed and rounded)."""
 
     weight: jax.Array  # V x D (vocab_axis 0: a tied embedding table) or D x V (vocab_axis 1)
@@ -41,8 +42,7 @@ class OutputHead:
 
 
 def _logits(h_BcD: jax.Array, w: jax.Array, vocab_axis: int) -> jax.Array:
-    return jax.lax.dot_general(h_BcD, w, (((h_BcD.ndim - 1,), (1 - vocab_axis,)), ((), ())),
-                               preferred_element_type=jnp.float32)
+    return dot_general_f32(h_BcD, w, (((h_BcD.ndim - 1,), (1 - vocab_axis,)), ((), ())))
 
 
 def chunk_size(length: int, chunk: int) -> tuple[int, int]:
@@ -90,15 +90,13 @@ def chunked_token_stats(h_BTD: jax.Array, head: OutputHead, targets_BT: jax.Arra
                 vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2)
                 dl = ((jnp.exp(logits - lse[..., None]) - (vocab == t_c[..., None]))
                       * w_c[..., None]).astype(dtype)
-                dh_c = jax.lax.dot_general(dl, w, (((2,), (vocab_axis,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+                dh_c = dot_general_f32(dl, w, (((2,), (vocab_axis,)), ((), ())))
                 dh = jax.lax.dynamic_update_slice_in_dim(
                     dh, take(dh) + dh_c.astype(dh.dtype), start, axis=1)
                 # D x V whatever the weight's layout: dl is the matmul's right operand as it
                 # lies (a V x D product would transpose a copy of dl, or compute dl twice)
-                dW_DV = constrain(dW_DV + jax.lax.dot_general(
-                    h_c, dl, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32),
-                    axes_DV)
+                dW_DV = constrain(dW_DV + dot_general_f32(h_c, dl, (((0, 1), (0, 1)), ((), ()))),
+                                  axes_DV)
                 # per-token loss and hit: the cotangent of the weights
                 keep = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
                     buf, jnp.where(new, x, take(buf)), start, axis=1)

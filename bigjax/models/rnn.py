@@ -25,6 +25,7 @@ from bigjax.errors import ConfigError
 from bigjax.models import layers
 from bigjax.models.axes import constrain, param
 from bigjax.models.lm_head import OutputHead
+from bigjax.models.matmul import einsum_f32
 from bigjax.registry import register_model
 
 GATES = {"lstm": 4, "gru": 3}
@@ -83,8 +84,7 @@ class Gates(nnx.Module):
 
     def __call__(self, x: jax.Array, dtype) -> jax.Array:
         """float32 B x [T x] G x H."""
-        y = jnp.einsum("...d,dgh->...gh", x.astype(dtype), self.kernel[...].astype(dtype),
-                       preferred_element_type=jnp.float32)
+        y = einsum_f32("...d,dgh->...gh", x.astype(dtype), self.kernel[...].astype(dtype))
         return y + self.bias[...]
 
 
