@@ -138,11 +138,16 @@ def test_blocks_of_other_documents_are_skipped():
 
 
 def test_cudnn_arguments_give_xla_results(monkeypatch):
-    """What bigjax hands cuDNN (causal flag, padding as key lengths, grouped heads, gathered
-    queries) computes xla's attention when jax's XLA implementation runs it instead."""
+    """What bigjax hands cuDNN (causal flag, padding as key lengths, packed documents as slices of
+    the packed layout or as a mask, grouped heads, gathered queries) computes xla's attention when
+    jax's XLA implementation runs it instead (the packed layout: its meaning spelled out in
+    `_packed_reference`; on a GPU, bench/gpu_attention.py checks the kernel)."""
     monkeypatch.setattr(attention, "_CUDNN_IMPLEMENTATION", "xla")
     for case in [dict(causal=True), dict(K=2, causal=True, padding=True), dict(padding=True),
-                 dict(K=2, padding=True, gathered=5)]:
+                 dict(K=2, padding=True, gathered=5), dict(causal=True, segments=True),
+                 dict(K=2, causal=True, segments=True), dict(causal=True, segments="shuffled"),
+                 dict(K=2, causal=True, segments=True, padding=True),
+                 dict(segments="shuffled", padding=True, gathered=5)]:
         q, k, v, mask = batch(2, **case)
         cot = jnp.asarray(np.random.default_rng(3).standard_normal(q.shape), jnp.float32)
 
@@ -152,6 +157,33 @@ def test_cudnn_arguments_give_xla_results(monkeypatch):
             return (g(q, k, v),) + jax.grad(lambda *a: (g(*a) * cot).sum(), (0, 1, 2))(q, k, v)
 
         assert_same(jax.jit(lambda: f("cudnn"))(), jax.jit(lambda: f("xla"))())
+
+
+def test_cudnn_packed_layout_arguments():
+    """Each run of equal ids is one slice: start and length, -1 past the row's last run."""
+    seg = jnp.asarray([[0, 0, 1, 1, 1, 2, 2, 2], [5] * 8, [0, 1, 2, 2, 2, 3, 3, 3]], jnp.int32)
+    offsets, lengths = attention.packed_offsets(seg, 4)
+    np.testing.assert_array_equal(offsets, [[0, 2, 5, -1, -1], [0, -1, -1, -1, -1],
+                                            [0, 1, 2, 5, -1]])
+    np.testing.assert_array_equal(lengths, [[2, 3, 3, -1], [8, -1, -1, -1], [1, 1, 3, 3]])
+
+
+def test_cudnn_takes_the_packed_layout_only_for_rows_it_can_hold(monkeypatch):
+    """Causal rows of non-decreasing ids and at most `_CUDNN_PACKED_DOCS` documents go through
+    the packed layout (here a stand-in that returns 7s); any other batch takes the mask."""
+    monkeypatch.setattr(attention, "_CUDNN_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(attention, "_cudnn_packed", lambda q, k, v, mask: jnp.full_like(q, 7.0))
+    monkeypatch.setattr(attention, "_CUDNN_PACKED_DOCS", 4)
+    q, k, v, mask = batch(0, T=16, causal=True)
+    packed = lambda *rows: attention._cudnn(q, k, v, AttentionMask(
+        True, jnp.asarray(rows, jnp.int32)))
+    four = [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    assert np.all(np.asarray(packed(four, four, [9] * 16, sorted(four))) == 7)
+    five = [0] * 4 + [1] * 4 + [2] * 4 + [3] * 2 + [4] * 2
+    assert not np.any(np.asarray(packed(four, four, five, four)) == 7)  # one row too many
+    assert not np.any(np.asarray(packed(four, four, four[::-1], four)) == 7)  # ids go down
+    padded = AttentionMask(True, jnp.asarray([four] * 4), jnp.ones((4, 16), bool))
+    assert not np.any(np.asarray(attention._cudnn(q, k, v, padded)) == 7)
 
 
 @pytest.mark.parametrize("impl,rate,T", [("chunked", 0.2, 80), ("chunked", 0.2, 16),
@@ -250,8 +282,9 @@ def test_models_train_alike_on_every_cpu_implementation(splash_on_cpu, small_blo
     ("tpu", Needs(dropout=True, long=True), "chunked"),
     ("gpu", Needs(causal=True, dtype="bfloat16", head_dim=64), "cudnn"),
     ("gpu", Needs(dtype="bfloat16", head_dim=64, gathered=True), "cudnn"),
-    ("gpu", Needs(causal=True, segments=True, dtype="bfloat16", head_dim=64), "xla"),
-    ("gpu", Needs(causal=True, segments=True, dtype="bfloat16", head_dim=64, long=True), "chunked"),
+    ("gpu", Needs(causal=True, segments=True, dtype="bfloat16", head_dim=64), "cudnn"),
+    ("gpu", Needs(causal=True, segments=True, dtype="bfloat16", head_dim=64, long=True), "cudnn"),
+    ("gpu", Needs(causal=True, segments=True, dtype="float32", head_dim=64, long=True), "chunked"),
     ("gpu", Needs(causal=True, dtype="float32", head_dim=64), "xla"),
     ("gpu", Needs(dtype="bfloat16", head_dim=64, dropout=True), "xla"),
     ("cpu", Needs(), "chunked"),
@@ -261,10 +294,11 @@ def test_auto_picks_the_fastest_that_serves_the_call(backend, needs, want):
 
 
 def test_an_explicit_choice_that_cannot_serve_a_call_names_what_it_lacks():
-    with pytest.raises(ConfigError, match=r"^model.attention=cudnn cannot keep packed documents "
-                                          r"apart \(jax.nn.dot_product_attention takes no segment "
-                                          r"ids\) \(model.attention=auto picks one that can\)$"):
-        attention.choose("cudnn", Needs(causal=True, segments=True, dtype="bfloat16"), "gpu")
+    with pytest.raises(ConfigError, match=r"^model.attention=cudnn has no attention dropout "
+                                          r"\(jax.nn.dot_product_attention takes no rate\); set "
+                                          r"model.attention_dropout=0 \(model.attention=auto picks "
+                                          r"one that can\)$"):
+        attention.choose("cudnn", Needs(causal=True, dropout=True, dtype="bfloat16"), "gpu")
     with pytest.raises(ConfigError, match=r"^model.attention=splash cannot apply a causal mask"):
         attention.choose("splash", Needs(causal=True, gathered=True), "tpu")
     assert attention.choose("xla", Needs(dropout=True, segments=True), "gpu") == "xla"
@@ -289,10 +323,9 @@ def test_a_kernel_this_backend_lacks_is_an_error_when_the_model_is_built(overrid
 @pytest.mark.parametrize("overrides,message", [
     (["model.attention=cudnn"], "model.attention=cudnn needs model.dtype=bfloat16 (cuDNN flash "
      "attention has no float32) (model.attention=auto picks one that can)"),
-    (["model.attention=cudnn", "model.dtype=bfloat16"],
-     "model.attention=cudnn cannot keep packed documents apart (jax.nn.dot_product_attention "
-     "takes no segment ids), which every causal_lm batch carries (packed documents, or padding as "
-     "its own segment); model.attention=auto falls back"),
+    (["model.attention=cudnn", "model.dtype=bfloat16", "model.head_dim=12"],
+     "model.attention=cudnn needs a head dim that is a multiple of 8, at most 256 (got 12) "
+     "(model.attention=auto picks one that can)"),
     (["model.attention=splash", "model.dropout=0.1"], "model.attention=splash has no attention "
      "dropout; set model.attention_dropout=0 (model.attention=auto picks one that can)"),
     (["model.attention=flash"], "model.attention"),

@@ -13,7 +13,7 @@ from flax import nnx
 
 from bigjax.config import Config
 from bigjax.errors import ConfigError
-from bigjax.models import attention, layers
+from bigjax.models import layers
 from bigjax.models.attention import AttentionMask
 from bigjax.models.axes import constrain
 from bigjax.models.kv_cache import KVCache
@@ -49,12 +49,6 @@ class GPTConfig(TransformerConfig):
         if self.n_heads % kv:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by "
                               f"model.n_kv_heads={kv}")
-        if cfg.task.name == "causal_lm":
-            reason = attention.lacks(self.attention, needs=attention.Needs(causal=True, segments=True))
-            if reason:
-                raise ConfigError(f"model.attention={self.attention} {reason}, which every "
-                                  "causal_lm batch carries (packed documents, or padding as its "
-                                  "own segment); model.attention=auto falls back")
 
     @property
     def learned_positions(self) -> bool:
