@@ -17,6 +17,11 @@ stage, BatchNorm forward and backward, ReLU and residual sums, pooling and class
 optimizer update, copies and transposes (second table: summed over stages). XLA:CPU runs Eigen's
 dots (the filter gradients' products) asynchronously: the trace times their launch, not their
 work, which shows up in whatever runs next; read the filter-gradient share as a lower bound.
+
+On a GPU the device's kernels are summed (cuBLAS products and cuDNN attention by their custom
+calls); run it with `XLA_FLAGS=--xla_gpu_enable_command_buffer=`, or CUDA graphs hide them.
+`--save DIR` keeps the trace and the optimized HLO, so a trace taken on a lent GPU machine can be
+read again elsewhere with `--load DIR`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -59,13 +65,16 @@ RUNTIME = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction",  # not ops
            "CommonPjRt")
 
 
-def part_of(name: str, op_name: str) -> str:
-    """The model part an op serves, from its HLO metadata (jvp: forward, transpose: backward)."""
-    kind = "matmul" if name.startswith(("ynn", "dot", "xnn", "onednn")) else "elementwise"
-    if "chunked_token_stats" in op_name or ("while/body" in op_name and "checkpoint" not in op_name):
-        part = "LM head + loss"
-    elif "checkpoint" in op_name or "bnts" in op_name or "bsnh" in op_name:
+def part_of(name: str, op_name: str, target: str = "") -> str:
+    """The model part an op serves, from its HLO metadata (jvp: forward, transpose: backward);
+    `target`: a custom call's (GPU: cuBLAS products, cuDNN attention)."""
+    fused_attention = "fmha" in target or "dot_product_attention" in name
+    kind = ("matmul" if name.startswith(("ynn", "dot", "xnn", "onednn")) or fused_attention
+            or "matmul" in target or "gemm" in target else "elementwise")
+    if fused_attention or "checkpoint" in op_name or "bnts" in op_name or "bsnh" in op_name:
         part = "attention"
+    elif "chunked_token_stats" in op_name or "while/body" in op_name:
+        part = "LM head + loss"
     elif "silu" in op_name or "gelu" in op_name:
         part = "MLP activation"
     elif "transpose(" in op_name:
@@ -106,17 +115,8 @@ def image_part_of(name: str, op_name: str, opcode: str) -> str:
     return kind + where
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("config", nargs="?", default="configs/gpt_tiny.yaml")
-    ap.add_argument("overrides", nargs="*")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--resnet", action="store_true",
-                    help="configs/resnet18_cifar10.yaml as bench/resnet_vs_torchvision.py runs it")
-    ap.add_argument("--keep-host-memory", action="store_true",
-                    help="bigjax/host_memory.py's malloc settings (as `bigjax` commands on CPU)")
-    args = ap.parse_args()
+def trace(args) -> tuple[list, str, dict]:
+    """Compile the step, run it, trace `args.steps` steps: (trace events, optimized HLO, meta)."""
     if args.resnet:
         args.config, args.overrides = "configs/resnet18_cifar10.yaml", RESNET + args.overrides
     overrides = args.overrides if args.overrides or args.config != "configs/gpt_tiny.yaml" else DECODER
@@ -128,12 +128,6 @@ def main() -> None:
     state = parts.init_state()
     batch = jax.device_put(random_batch(cfg, 0), parts.batch_sharding)
     step = parts.train_step.lower(state, batch).compile()
-    hlo = re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\(.*?op_name="([^"]*)"',
-                     step.as_text(), re.M)
-    op_names = {name: op for name, _, op in hlo}
-    opcodes = {name: code for name, code, _ in hlo}
-    classify = ((lambda n: image_part_of(n, op_names.get(n, ""), opcodes.get(n, ""))) if images
-                else (lambda n: part_of(n, op_names.get(n, ""))))
     for _ in range(2):
         state, _ = step(state, batch)
     jax.block_until_ready(state)
@@ -145,19 +139,56 @@ def main() -> None:
             jax.block_until_ready(state)
         wall = (time.perf_counter() - t0) / args.steps
         jax.profiler.stop_trace()
-        trace = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
-        with gzip.open(trace) as fh:
-            events = json.load(fh)["traceEvents"]
+        path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
+        meta = {"steps": args.steps, "wall_s": wall, "images": images,
+                "load_average": os.getloadavg()[0]}
+        if args.save:
+            os.makedirs(args.save, exist_ok=True)
+            shutil.copy(path, os.path.join(args.save, "trace.json.gz"))
+            with open(os.path.join(args.save, "step.hlo.txt"), "w") as fh:
+                fh.write(step.as_text())
+            with open(os.path.join(args.save, "meta.json"), "w") as fh:
+                json.dump(meta, fh)
+        with gzip.open(path) as fh:
+            return json.load(fh)["traceEvents"], step.as_text(), meta
+
+
+def load(folder: str) -> tuple[list, str, dict]:
+    with gzip.open(os.path.join(folder, "trace.json.gz")) as fh:
+        events = json.load(fh)["traceEvents"]
+    with open(os.path.join(folder, "step.hlo.txt")) as fh, \
+            open(os.path.join(folder, "meta.json")) as meta:
+        return events, fh.read(), json.load(meta)
+
+
+def report(events: list, hlo_text: str, meta: dict, top_n: int) -> None:
+    # op name, opcode and metadata of every HLO instruction (tuple-typed ones too: custom calls)
+    hlo = re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = (?:\([^=]*?\)|\S+) ([\w\-]+)\(.*?op_name="([^"]*)"',
+                     hlo_text, re.M)
+    op_names = {name: op for name, _, op in hlo}
+    opcodes = {name: code for name, code, _ in hlo}
+    targets = dict(re.findall(r'^\s*(?:ROOT )?%([\w.\-]+) = .*?custom_call_target="([^"]+)"',
+                              hlo_text, re.M))
+    images, steps = meta["images"], meta["steps"]
+    classify = ((lambda n: image_part_of(n, op_names.get(n, ""), opcodes.get(n, ""))) if images
+                else (lambda n: part_of(n, op_names.get(n, ""), targets.get(n, ""))))
+    # on GPUs and TPUs, the kernels on the device's streams, each by the HLO op it runs (the host
+    # threads only launch them); on CPU the ops run on host threads
+    devices = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+               and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name", "")))}
     per_op: collections.Counter = collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and not e["name"].startswith(RUNTIME):
-            per_op[e["name"]] += e["dur"] / 1e3 / args.steps  # ms per step
+        if e.get("ph") != "X" or (devices and e.get("pid") not in devices):
+            continue
+        name = e.get("args", {}).get("hlo_op", e["name"]) if devices else e["name"]
+        if not name.startswith(RUNTIME):
+            per_op[name] += e["dur"] / 1e3 / steps  # ms per step
     total = sum(per_op.values())
     by_part: collections.Counter = collections.Counter()
     for name, ms in per_op.items():
         by_part[classify(name)] += ms
-    print(f"step {wall * 1e3:.1f} ms (traced, load average {os.getloadavg()[0]:.1f}); "
-          f"op times sum to {total:.1f} ms")
+    print(f"step {meta['wall_s'] * 1e3:.1f} ms (traced, load average "
+          f"{meta.get('load_average', float('nan')):.1f}); op times sum to {total:.1f} ms")
     print("| part | ms per step | share |\n|---|---|---|")
     for part, ms in by_part.most_common():
         print(f"| {part} | {ms:.1f} | {ms / total:.0%} |")
@@ -170,11 +201,29 @@ def main() -> None:
             print(f"| {kind} | {ms:.1f} | {ms / total:.0%} |")
     for kind in ("",) if images else ("matmul", "elementwise"):
         top = [(n, ms) for n, ms in per_op.most_common()
-               if images or classify(n).endswith(f"({kind})")][:args.top]
-        print(f"\ntop {args.top} {kind or 'all'} ops:")
+               if images or classify(n).endswith(f"({kind})")][:top_n]
+        print(f"\ntop {top_n} {kind or 'all'} ops:")
         for name, ms in top:
             print(f"  {ms:8.2f} ms  {name:28s} {opcodes.get(name, ''):12s} "
                   f"{op_names.get(name, '')[:100]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", nargs="?", default="configs/gpt_tiny.yaml")
+    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--resnet", action="store_true",
+                    help="configs/resnet18_cifar10.yaml as bench/resnet_vs_torchvision.py runs it")
+    ap.add_argument("--save", metavar="DIR",
+                    help="also write the trace, the optimized HLO and the step time there")
+    ap.add_argument("--load", metavar="DIR",
+                    help="report on what --save wrote (say, on a GPU machine) instead of tracing")
+    ap.add_argument("--keep-host-memory", action="store_true",
+                    help="bigjax/host_memory.py's malloc settings (as `bigjax` commands on CPU)")
+    args = ap.parse_args()
+    report(*(load(args.load) if args.load else trace(args)), args.top)
 
 
 if __name__ == "__main__":
