@@ -10,8 +10,9 @@ only what it needs:
   flash-style, in float32, over blocks of queries and keys with an online softmax and its own
   backward pass (each block recomputed from the saved log-sum-exp): the T×S scores never exist
   whole, and blocks above the causal diagonal or between different documents are skipped.
-- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPUs, bfloat16; packed
-  documents as a B×1×T×S mask (a bias to cuDNN).
+- `cudnn`: cuDNN's fused attention: NVIDIA GPUs, bfloat16. Packed causal rows go through its
+  packed layout (documents as ragged slices of a row) where the batch allows, else through
+  `jax.nn.dot_product_attention(implementation="cudnn")` with a B×1×T×S mask (a bias to cuDNN).
 - `splash`: the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu`): TPUs.
 
 `auto` picks per call: splash on TPU and cudnn on GPU where the call allows them, else chunked on
@@ -254,8 +255,9 @@ _CUDNN_IMPLEMENTATION = "cudnn"  # tests swap in jax's "xla" to check the argume
 # cuDNN's packed layout (each document a ragged slice of its row: no T×S mask, no work across
 # documents) serves causal rows whose segment ids never decrease along the row (bigjax's LM data)
 # and that hold at most this many documents; a batch with another row takes the mask instead. On
-# an H200 (8 × 2,048, 32 heads over 8): 4 documents 2.07 ms forward and backward with this bound,
-# 1.87 with a bound of 4, the mask 3.40. 0: always the mask.
+# an H200 (8 × 2,048, 32 heads over 8, bench/gpu_attention.py): 4 documents 1.65 ms forward and
+# backward, the mask 2.88; a bound of 4 instead of 16 saved another ~0.2 ms in a throwaway test.
+# 0: always the mask.
 _CUDNN_PACKED_DOCS = 16
 
 
