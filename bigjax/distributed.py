@@ -11,13 +11,14 @@ process whose peers never join, each with a message instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax
 
@@ -142,6 +143,7 @@ class Watchdog:
                  what: str = "the start", stacks: bool = False):
         self._timeout_s, self._message, self._exit_code = timeout_s, message, exit_code
         self._last, self._what, self._stacks = time.monotonic(), what, stacks
+        self._held = 0  # inside `holding`
         self._done = threading.Event()
         if timeout_s > 0:
             threading.Thread(target=self._watch, name="bigjax-watchdog", daemon=True).start()
@@ -149,12 +151,24 @@ class Watchdog:
     def beat(self, what: str) -> None:
         self._last, self._what = time.monotonic(), what
 
+    @contextlib.contextmanager
+    def holding(self, what: str) -> Iterator[None]:
+        """No deadline inside, a beat after: a checkpoint save may rightly take longer than the
+        timeout (its device-to-host copy on a loaded host, slow storage), and a write that hangs
+        is the checkpointer's to time out."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+            self.beat(what)
+
     def stop(self) -> None:
         self._done.set()
 
     def _watch(self) -> None:
-        while (left := self._last + self._timeout_s - time.monotonic()) > 0:
-            if self._done.wait(left):
+        while (left := self._last + self._timeout_s - time.monotonic()) > 0 or self._held:
+            if self._done.wait(left if left > 0 else self._timeout_s):
                 return
         if self._done.is_set():
             return
@@ -170,7 +184,8 @@ def hang_watchdog(timeout_s: int) -> Watchdog:
     """Armed on several processes only: a peer stuck alive (a storage read, a deadlocked
     collective) keeps JAX's heartbeat going, so nothing else would end the wait. Prints every
     thread's stack, then one line, and exits 1 so the launcher can restart the job from the last
-    complete checkpoint. The trainer beats after each step and evaluation batch."""
+    complete checkpoint. The trainer beats after each step and evaluation batch; checkpoint saves
+    do not count against the timeout."""
     def message(idle: float, what: str) -> str:
         return (f"process {jax.process_index()} of {jax.process_count()} made no progress for "
                 f"{idle:.0f} s after {what} (distributed.hang_timeout_s={timeout_s}); a process is "

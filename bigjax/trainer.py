@@ -358,8 +358,9 @@ class Trainer:
                 # keep_best ranks evaluated checkpoints, so every evaluation gets one
                 best = evaluated and cfg.checkpoint.keep_best_metric
                 if ((every and step % every == 0) or best) and step < t.steps:
-                    self._save(step, state, loader.state(), metrics=last if evaluated else None,
-                               force=True)
+                    with self._watchdog.holding(f"the checkpoint of step {step}"):
+                        self._save(step, state, loader.state(),
+                                   metrics=last if evaluated else None, force=True)
                 if self._stop_requested or self.checkpointer.reached_preemption(step):
                     preempted = step < t.steps
                     break

@@ -280,6 +280,37 @@ def test_sigterm_stops_every_process_at_one_checkpointed_step(reference, tmp_pat
     assert committed_steps(run_dir)[-1] == stopped + 2
 
 
+WATCHDOG = """
+import sys, time
+from bigjax.distributed import Watchdog
+w = Watchdog(0.5, lambda idle, what: f"idle {idle:.1f} s after {what}", 3)
+w.beat("step 1")
+if sys.argv[1] == "save":
+    with w.holding("the checkpoint of step 1"):
+        time.sleep(1.5)  # three timeouts inside the save
+    time.sleep(0.2)
+    w.stop()
+else:
+    time.sleep(1.5)
+print("finished")
+"""
+
+
+@pytest.mark.parametrize("during", ["save", "step"])
+def test_the_hang_watchdog_does_not_time_a_checkpoint_save(during):
+    """A periodic save longer than distributed.hang_timeout_s (orbax's copy to the host on a
+    loaded machine took longer than 4 s here once) is not a hang; the clock restarts after it.
+    The same idle time outside a save ends the process with its one line."""
+    done = subprocess.run([sys.executable, "-c", WATCHDOG, during], capture_output=True,
+                          text=True, timeout=120, env=clean_env(None))
+    if during == "save":
+        assert (done.returncode, done.stdout) == (0, "finished\n"), done.stderr[-2000:]
+    else:
+        assert done.returncode == 3 and done.stdout == ""
+        assert re.search(r"^bigjax: error: distributed: idle \d+\.\d s after step 1$",
+                         done.stderr, re.M), done.stderr[-2000:]
+
+
 def test_a_process_hung_alive_ends_every_process_within_the_hang_timeout(reference, tmp_path):
     """Process 1 stops in its data loader but stays alive (its heartbeat goes on). After its
     distributed.hang_timeout_s without a step it prints its stacks and one line and exits 1;
