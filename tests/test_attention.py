@@ -143,6 +143,7 @@ def test_cudnn_arguments_give_xla_results(monkeypatch):
     jax's XLA implementation runs it instead (the packed layout: its meaning spelled out in
     `_packed_reference`; on a GPU, bench/gpu_attention.py checks the kernel)."""
     monkeypatch.setattr(attention, "_CUDNN_IMPLEMENTATION", "xla")
+    monkeypatch.setattr(attention, "_CUDNN_PACKED_DOCS", 16)  # off by default; on here
     for case in [dict(causal=True), dict(K=2, causal=True, padding=True), dict(padding=True),
                  dict(K=2, padding=True, gathered=5), dict(causal=True, segments=True),
                  dict(K=2, causal=True, segments=True), dict(causal=True, segments="shuffled"),

@@ -10,9 +10,9 @@ only what it needs:
   flash-style, in float32, over blocks of queries and keys with an online softmax and its own
   backward pass (each block recomputed from the saved log-sum-exp): the T×S scores never exist
   whole, and blocks above the causal diagonal or between different documents are skipped.
-- `cudnn`: cuDNN's fused attention: NVIDIA GPUs, bfloat16. Packed causal rows go through its
-  packed layout (documents as ragged slices of a row) where the batch allows, else through
-  `jax.nn.dot_product_attention(implementation="cudnn")` with a B×1×T×S mask (a bias to cuDNN).
+- `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: NVIDIA GPUs, bfloat16; packed
+  documents as a B×1×T×S mask (a bias to cuDNN). cuDNN's packed layout (documents as ragged
+  slices of a row) is there behind `_CUDNN_PACKED_DOCS`, off until a whole step is timed.
 - `splash`: the Pallas splash-attention kernel (`jax.experimental.pallas.ops.tpu`): TPUs.
 
 `auto` picks per call: splash on TPU and cudnn on GPU where the call allows them, else chunked on
@@ -253,12 +253,13 @@ def _xla(q, k, v, mask: AttentionMask, seeds, b_off, n_off, n_total: int, *, rat
 
 _CUDNN_IMPLEMENTATION = "cudnn"  # tests swap in jax's "xla" to check the arguments on CPU
 # cuDNN's packed layout (each document a ragged slice of its row: no T×S mask, no work across
-# documents) serves causal rows whose segment ids never decrease along the row (bigjax's LM data)
-# and that hold at most this many documents; a batch with another row takes the mask instead. On
-# an H200 (8 × 2,048, 32 heads over 8, bench/gpu_attention.py): 4 documents 1.65 ms forward and
-# backward, the mask 2.88; a bound of 4 instead of 16 saved another ~0.2 ms in a throwaway test.
-# 0: always the mask.
-_CUDNN_PACKED_DOCS = 16
+# documents) for causal rows whose segment ids never decrease along the row (bigjax's LM data)
+# and that hold at most this many documents; a batch with another row takes the mask instead.
+# Off (0) by default: the choice is a `lax.cond` in every layer, which XLA:GPU runs by reading
+# the predicate on the host, and no whole train step has been timed with it. On an H200 (8 ×
+# 2,048, 32 heads over 8, bench/gpu_attention.py, which sets 16): 4 documents 1.65 ms forward
+# and backward, cond included, the mask 2.88.
+_CUDNN_PACKED_DOCS = 0
 
 
 def _cudnn(q, k, v, mask: AttentionMask):
@@ -273,19 +274,24 @@ def _cudnn(q, k, v, mask: AttentionMask):
     return jax.lax.cond(fits, _cudnn_packed, _cudnn_masked, q, k, v, mask)
 
 
+def _run_starts(seg_BT: jax.Array) -> jax.Array:
+    """B×T: True where a run of equal segment ids (a document) starts."""
+    return jnp.concatenate([jnp.ones_like(seg_BT[:, :1], bool), seg_BT[:, 1:] != seg_BT[:, :-1]], 1)
+
+
 def _runs(seg_BT: jax.Array) -> jax.Array:
-    """Documents per row: runs of equal segment ids (B)."""
-    return 1 + (seg_BT[:, 1:] != seg_BT[:, :-1]).sum(-1)
+    """Documents per row (B)."""
+    return _run_starts(seg_BT).sum(-1)
 
 
 def packed_offsets(seg_BT: jax.Array, M: int) -> tuple[jax.Array, jax.Array]:
     """cuDNN's packed-layout arguments for rows of at most M runs of equal ids: each run's start
     (B×(M+1)) and length (B×M), -1 past a row's last run."""
     B, T = seg_BT.shape
-    start = jnp.concatenate([jnp.ones((B, 1), bool), seg_BT[:, 1:] != seg_BT[:, :-1]], 1)
+    start = _run_starts(seg_BT)
     starts = jnp.sort(jnp.where(start, jnp.arange(T), T), 1)[:, :M]  # T past the last run
     ends = jnp.concatenate([starts[:, 1:], jnp.full((B, 1), T)], 1)
-    real = jnp.arange(M)[None] < _runs(seg_BT)[:, None]
+    real = jnp.arange(M)[None] < start.sum(-1, keepdims=True)
     offsets = jnp.where(real, starts, -1).astype(jnp.int32)
     lengths = jnp.where(real, jnp.minimum(ends, T) - starts, -1).astype(jnp.int32)
     return jnp.concatenate([offsets, jnp.full((B, 1), -1, jnp.int32)], 1), lengths
