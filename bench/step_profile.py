@@ -71,9 +71,11 @@ def part_of(name: str, op_name: str, target: str = "") -> str:
     fused_attention = "fmha" in target or "dot_product_attention" in name
     kind = ("matmul" if name.startswith(("ynn", "dot", "xnn", "onednn")) or fused_attention
             or "matmul" in target or "gemm" in target else "elementwise")
-    if fused_attention or "checkpoint" in op_name or "bnts" in op_name or "bsnh" in op_name:
+    if "chunked_token_stats" in op_name:
+        part = "LM head + loss"
+    elif fused_attention or "checkpoint" in op_name or "bnts" in op_name or "bsnh" in op_name:
         part = "attention"
-    elif "chunked_token_stats" in op_name or "while/body" in op_name:
+    elif "while/body" in op_name:  # the chunked loss's loop
         part = "LM head + loss"
     elif "silu" in op_name or "gelu" in op_name:
         part = "MLP activation"
@@ -142,15 +144,16 @@ def trace(args) -> tuple[list, str, dict]:
         path = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)[0]
         meta = {"steps": args.steps, "wall_s": wall, "images": images,
                 "load_average": os.getloadavg()[0]}
+        hlo = step.as_text()
         if args.save:
             os.makedirs(args.save, exist_ok=True)
             shutil.copy(path, os.path.join(args.save, "trace.json.gz"))
             with open(os.path.join(args.save, "step.hlo.txt"), "w") as fh:
-                fh.write(step.as_text())
+                fh.write(hlo)
             with open(os.path.join(args.save, "meta.json"), "w") as fh:
                 json.dump(meta, fh)
         with gzip.open(path) as fh:
-            return json.load(fh)["traceEvents"], step.as_text(), meta
+            return json.load(fh)["traceEvents"], hlo, meta
 
 
 def load(folder: str) -> tuple[list, str, dict]:
