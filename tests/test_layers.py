@@ -15,7 +15,7 @@ LAYERS = [
     ("distributed", "resume"),
     ("mesh",),
     ("models", "tasks", "tasks_image", "optim"),
-    ("state", "perf"),
+    ("state", "perf", "compile_cache"),
     ("hf",),
     ("data",),
     ("step", "predict"),
