@@ -406,6 +406,8 @@ def _bench(args) -> int:
     return 0
 
 
+# the commands that compile steps (the others need no cache, nor jax's import time)
+COMPILES = ("train", "eval", "predict", "generate", "compress")
 COMMANDS = {"data": _data, "tokenizer": _tokenizer, "train": _train, "checkpoints": _checkpoints,
             "eval": _eval, "predict": _predict, "convert": _convert, "plan": _plan,
             "bench": _bench, "generate": _generate, "compress": _compress}
@@ -439,7 +441,7 @@ def run(argv: list[str] | None = None) -> int:
         if args.command == "bench":  # its compile_s times a compile, not a read of the cache
             import jax
             jax.config.update("jax_enable_compilation_cache", False)
-        else:
+        elif args.command in COMPILES:
             enable_compile_cache()
         return COMMANDS[args.command](args)
     except BigjaxError as e:
