@@ -19,6 +19,7 @@ implementation's jitted forward and backward pass, alternated round by round, me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -71,8 +72,18 @@ def out_and_grads(impl, dtype, q, k, v, mask):
 PACKED_DOCS = 16  # the bound on documents per row for cuDNN's packed layout, while measured
 
 
+@contextlib.contextmanager
+def packed_docs(bound: int):
+    """bigjax's bound for cuDNN's packed layout (read when a call is traced), restored after."""
+    saved, attention._CUDNN_PACKED_DOCS = attention._CUDNN_PACKED_DOCS, bound
+    try:
+        yield
+    finally:
+        attention._CUDNN_PACKED_DOCS = saved
+
+
+@packed_docs(PACKED_DOCS)
 def check() -> dict:
-    attention._CUDNN_PACKED_DOCS = PACKED_DOCS
     results, ok = {}, True
     for name, case in CASES.items():
         q, k, v, mask = inputs(0, **case)
@@ -111,14 +122,12 @@ def timing(B: int, T: int, rounds: int) -> dict:
         step = jax.jit(jax.value_and_grad(lambda *a, f=f: f(*a).astype(jnp.float32).sum(),
                                           (0, 1, 2)))
         try:
-            attention._CUDNN_PACKED_DOCS = docs_bound  # read when the call is traced
-            compiled = step.lower(q, k, v).compile()
+            with packed_docs(docs_bound):
+                compiled = step.lower(q, k, v).compile()
             jax.block_until_ready(compiled(q, k, v))
             fns[name] = compiled
         except Exception as e:  # noqa: BLE001 - report a kernel the GPU refuses, time the rest
             print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
-        finally:
-            attention._CUDNN_PACKED_DOCS = 0
     times = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
