@@ -58,3 +58,10 @@ def compiler_options(dtype: str) -> dict | None:
                         str(e).splitlines()[0])
     log.warning("XLA:CPU took none of bigjax's compiler options: using XLA's defaults")
     return None
+
+
+def convolutions_on_eigen(dtype: str) -> bool:
+    """Whether bigjax's steps computing in `dtype` on CPU run convolutions on XLA's own Eigen
+    kernels (not YNNPACK's): where XLA's stride-1 filter gradients are fast (models/conv.py)."""
+    options = compiler_options(dtype)
+    return options is not None and "CONVOLUTION" not in options.get(_YNN, "")

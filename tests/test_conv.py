@@ -87,10 +87,16 @@ def test_filter_grad_under_a_sharded_batch_equals_one_device(method, monkeypatch
     np.testing.assert_allclose(one, lax_grad(x, dy), rtol=0, atol=1e-4)
 
 
-def test_auto_is_im2col_on_cpu():
+def test_auto_on_cpu_keeps_xla_stride1_filter_gradients_only_on_eigen(monkeypatch):
+    """`auto` on CPU: stride-1 filter gradients stay XLA's where bigjax's steps run convolutions on
+    XLA's Eigen kernels (both jax versions here), all im2col where an XLA refused that option and
+    convolutions stay on YNNPACK (whose filter gradients ran at a few GFLOP/s)."""
     assert jax.default_backend() == "cpu"
+    assert conv.resolve_impl("auto") == "mixed"
+    assert conv.resolve_impl("auto", jnp.bfloat16) == "mixed"
+    assert conv.resolve_impl("xla") == "xla" and conv.resolve_impl("im2col") == "im2col"
+    monkeypatch.setattr(conv.xla_cpu, "convolutions_on_eigen", lambda dtype: False)
     assert conv.resolve_impl("auto") == "im2col"
-    assert conv.resolve_impl("xla") == "xla"
 
 
 def cnn_loss_and_grads(impl: str, images, labels):
@@ -127,7 +133,7 @@ def test_every_resnet_convolution_follows_conv_impl():
                        image_width=16, image_channels=3)
     images = jnp.zeros((2, 16, 16, 3))
     counts = {}
-    for impl in ("xla", "im2col"):
+    for impl in ("xla", "im2col", "auto"):
         model = nnx.eval_shape(lambda: ResNet(dataclasses.replace(cfg, conv_impl=impl), 3,
                                               nnx.Rngs(0)))  # abstract: no init to compile
         graph, params, rest = nnx.split(model, nnx.Param, ...)
@@ -143,3 +149,6 @@ def test_every_resnet_convolution_follows_conv_impl():
     # backward re-traces the forward for its input vjp; XLA drops that unused copy) = 15; matrix
     # products: 12 1x1 x 3 + 5 filter gradients + the classifier's 3 = 44
     assert counts["im2col"] == (15, 44)
+    # auto on CPU: the one stride-1 3x3 (stage 1's) is XLA's throughout, its filter gradient a
+    # convolution instead of a product (3 convolutions either way): 15 and 43
+    assert counts["auto"] == (15, 43)

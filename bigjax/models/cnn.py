@@ -35,7 +35,7 @@ class CNNConfig(ModelConfig):
     bn_eps: float = 1e-5
     dropout: float = 0.0  # before the classifier
     dtype: str = "float32"  # activations and matmuls (float32 or bfloat16); BatchNorm in float32
-    conv_impl: ConvImpl = "auto"  # filter gradients as im2col matmuls (auto: on CPU); conv.py
+    conv_impl: ConvImpl = "auto"  # how XLA computes convolution gradients: see conv.py
     image_height: int = derived(0, "image_height")  # 0 = from the data
     image_width: int = derived(0, "image_width")
     image_channels: int = derived(0, "image_channels")

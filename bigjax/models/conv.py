@@ -1,16 +1,19 @@
 """2-D convolution for the image families (cnn, resnet), NHWC x HWIO with symmetric padding, with a
 choice of how XLA computes it (`model.conv_impl`).
 
-Why: on XLA:CPU the filter gradient of a convolution (dL/dW, a contraction over batch x height x
-width) is lowered to an Eigen spatial convolution whose "kernel" is the whole image; it runs at a
-few GFLOP/s, 10-20x slower than the forward pass, and was most of a ResNet-18 training step
-(notes/issue-12-perf.md). `im2col` keeps the forward pass and the input gradient as XLA
-convolutions (fast on CPU, so the outputs are the very numbers `xla` gives) and computes only the
-filter gradient as matrix products, in chunks of the batch: for stride 1 on images of 8 rows per
-padding row or more, over k width-shifted copies of the input against k height-shifted copies of
-the output gradient (2k copies instead of the k*k of a patch matrix; `_filter_grad_shifted`),
+Why: on YNNPACK (jax 0.10's XLA:CPU default for convolutions) a convolution's filter gradient
+(dL/dW, a contraction over batch x height x width) ran at a few GFLOP/s, 10-20x slower than the
+forward pass: most of a ResNet-18 training step (notes/issue-12-perf.md). On XLA's own Eigen
+kernels (where bigjax/xla_cpu.py puts convolutions) the stride-1 ones are fast; the strided
+ones and the 1x1 layers still lose to matrix products in a whole step. `im2col` keeps the forward pass and the input gradient as XLA
+convolutions (so the outputs are the very numbers `xla` gives) and computes only the filter
+gradient as matrix products, in chunks of the batch: for stride 1 on images of 8 rows per padding
+row or more, over k width-shifted copies of the input against k height-shifted copies of the
+output gradient (2k copies instead of the k*k of a patch matrix; `_filter_grad_shifted`),
 otherwise over image patches (`_filter_grad_patches`); a 1x1 convolution is a plain matrix
-product throughout.
+product throughout. `auto` on CPU is `im2col` except that a stride-1 filter gradient stays XLA's
+where bigjax's steps run convolutions on XLA's own Eigen kernels (bigjax/xla_cpu.py): there it is
+the faster one (README "Convolutions on CPU").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from bigjax import xla_cpu
 from bigjax.models.axes import param
 from bigjax.models.matmul import dot_general_f32
 
@@ -38,22 +42,28 @@ STRIDE1_FILTER_GRAD = "shifted"  # or "patches" (the first version): bench/resne
 SHIFTED_MIN_ROWS = 8
 
 
-def resolve_impl(impl: str) -> str:
-    """`auto`: im2col filter gradients on CPU (where XLA's are slow), XLA's own elsewhere (cuDNN and
-    the TPU compiler have fast filter-gradient kernels)."""
-    if impl == "auto":
-        return "im2col" if jax.default_backend() == "cpu" else "xla"
-    return impl
+def resolve_impl(impl: str, dtype="float32") -> str:
+    """`auto`: XLA's own convolutions on GPU and TPU (cuDNN and the TPU compiler have fast
+    filter-gradient kernels); on CPU `im2col`, or `mixed` (stride-1 filter gradients XLA's, the
+    rest as `im2col`) where a step computing in `dtype` runs convolutions on XLA's Eigen kernels."""
+    if impl != "auto":
+        return impl
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "mixed" if xla_cpu.convolutions_on_eigen(jnp.dtype(dtype).name) else "im2col"
 
 
 def conv2d(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, impl: str) -> jax.Array:
     """k x k convolution (k = w.shape[0], odd), `stride` in both directions, k // 2 zeros of
     padding on every side (PyTorch's padding=k//2; for stride 1 also XLA's "SAME")."""
     k = w_HWIO.shape[0]
-    if resolve_impl(impl) == "xla":
+    impl = resolve_impl(impl, x_BHWC.dtype)
+    if impl == "xla":
         return _xla_conv(x_BHWC, w_HWIO, stride)
     if k == 1:  # a strided matrix product: no convolution, no patches
         return jnp.einsum("bhwc,co->bhwo", x_BHWC[:, ::stride, ::stride], w_HWIO[0, 0])
+    if impl == "mixed" and stride == 1:
+        return _xla_conv(x_BHWC, w_HWIO, stride)
     return _conv_mm_filter_grad(x_BHWC, w_HWIO, stride)
 
 

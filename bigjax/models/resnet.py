@@ -46,7 +46,7 @@ class ResNetConfig(ModelConfig):
     bn_eps: float = 1e-5
     bn_unbiased_var: bool = True  # running variance as PyTorch keeps it (x n/(n-1))
     dtype: str = "float32"  # activations and convolutions (float32 or bfloat16)
-    conv_impl: ConvImpl = "auto"  # filter gradients as im2col matmuls (auto: on CPU); conv.py
+    conv_impl: ConvImpl = "auto"  # how XLA computes convolution gradients: see conv.py
     image_height: int = derived(0, "image_height")  # 0 = from the data
     image_width: int = derived(0, "image_width")
     image_channels: int = derived(0, "image_channels")
