@@ -5,15 +5,16 @@ Why: on YNNPACK (jax 0.10's XLA:CPU default for convolutions) a convolution's fi
 (dL/dW, a contraction over batch x height x width) ran at a few GFLOP/s, 10-20x slower than the
 forward pass: most of a ResNet-18 training step (notes/issue-12-perf.md). On XLA's own Eigen
 kernels (where bigjax/xla_cpu.py puts convolutions) the stride-1 ones are fast; the strided
-ones and the 1x1 layers still lose to matrix products in a whole step. `im2col` keeps the forward pass and the input gradient as XLA
-convolutions (so the outputs are the very numbers `xla` gives) and computes only the filter
-gradient as matrix products, in chunks of the batch: for stride 1 on images of 8 rows per padding
-row or more, over k width-shifted copies of the input against k height-shifted copies of the
-output gradient (2k copies instead of the k*k of a patch matrix; `_filter_grad_shifted`),
-otherwise over image patches (`_filter_grad_patches`); a 1x1 convolution is a plain matrix
-product throughout. `auto` on CPU is `im2col` except that a stride-1 filter gradient stays XLA's
-where bigjax's steps run convolutions on XLA's own Eigen kernels (bigjax/xla_cpu.py): there it is
-the faster one (README "Convolutions on CPU").
+ones and the 1x1 layers still lose to matrix products in a whole step.
+
+`im2col` keeps the forward pass and the input gradient as XLA convolutions (so the outputs are
+the very numbers `xla` gives) and computes only the filter gradient as matrix products, in chunks
+of the batch: for stride 1 on images of 8 rows per padding row or more, over k width-shifted
+copies of the input against k height-shifted copies of the output gradient (2k copies instead of
+the k*k of a patch matrix; `_filter_grad_shifted`), otherwise over image patches
+(`_filter_grad_patches`); a 1x1 convolution is a plain matrix product throughout. `auto` on CPU
+is `im2col` except that stride-1 layers stay XLA's convolutions where bigjax's steps run
+convolutions on Eigen (README "Convolutions on CPU").
 """
 
 from __future__ import annotations
