@@ -19,6 +19,7 @@ import warnings
 from etils import epath
 
 from bigjax.errors import ConfigError, first_line
+from bigjax.paths import run_dir_problem, run_str
 
 OFF = ("off", "0", "false", "no")
 
@@ -46,6 +47,11 @@ def enable() -> None:
     path = directory()
     if path is None:
         return
+    # the same URIs a run dir takes: a typo such as gcs:// would otherwise become a local dir
+    problem = run_dir_problem(path)
+    if problem:
+        raise ConfigError(f"BIGJAX_COMPILE_CACHE={path}: {problem}, or 'off'")
+    path = run_str(path)  # file:///x -> /x, relative -> absolute
     try:
         epath.Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -8,6 +8,8 @@ import jax
 from bigjax import compile_cache
 from bigjax.cli import run
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_the_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
@@ -39,3 +41,15 @@ def test_an_uncreatable_cache_dir_is_one_line_before_anything_is_written(monkeyp
                                "directory, or to 'off'"), err
     assert blocker.read_text() == "x" and not (tmp_path / "run").exists()
     assert jax.config.jax_compilation_cache_dir == before
+
+
+def test_an_unknown_storage_scheme_is_one_line_and_creates_nothing(monkeypatch, tmp_path, capsys):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    monkeypatch.setenv("BIGJAX_COMPILE_CACHE", "gcs://bucket/xla")
+    monkeypatch.chdir(tmp_path)
+    rc = run(["train", os.path.join(ROOT, "configs/gpt_tiny.yaml"), f"run.dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err == ("bigjax: error: BIGJAX_COMPILE_CACHE=gcs://bucket/xla: unknown "
+                               "storage 'gcs://' (expected a local path, file:///abs/path, "
+                               "gs://BUCKET/PATH or s3://BUCKET/PATH), or 'off'"), err
+    assert os.listdir(tmp_path) == []  # no local directory named gcs:
