@@ -16,7 +16,7 @@ from bigjax.config import load_config
 from bigjax.errors import ConfigError
 from bigjax.mesh import make_mesh
 from bigjax.models import create_model, matmul
-from bigjax.models.lm_head import chunk_size
+from bigjax.models.lm_head import chunk_size, max_and_argmax
 from bigjax.plan import compile_memory_here
 from bigjax.tasks import CausalLM
 from spine import random_batches, tiny_config
@@ -55,6 +55,18 @@ def test_chunk_sizes_are_equal_and_fewest():
     assert chunk_size(13, 5) == (5, 3)  # starts 0, 5, 8: positions 8 and 9 counted once
     assert chunk_size(4097, 2048) == (1366, 3)  # not 2048, 2048, 1
     assert chunk_size(128, 512) == (128, 1)
+
+
+@pytest.mark.parametrize("V", [32000, 96, 97])  # blocks of 256 or 32; 97: no block divides it
+def test_max_and_argmax_in_blocks_equal_max_and_first_argmax_with_ties(V):
+    """Ties decide accuracy at a zero-initialised head (every logit equal: the first index wins,
+    not every target), and in rounded logits the maximum repeats across blocks."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, V)) * 3
+    for logits in (x, jnp.round(x), jnp.zeros_like(x), x.at[..., V - 1].set(100.0)):
+        top, pred = jax.jit(max_and_argmax)(logits)
+        np.testing.assert_array_equal(top, logits.max(-1))
+        np.testing.assert_array_equal(pred, jnp.argmax(logits, -1))
+    assert int(jax.jit(max_and_argmax)(jnp.zeros((1, V)))[1][0]) == 0
 
 
 @pytest.mark.parametrize("head,T,chunk", [([], 12, 4), (UNTIED, 13, 5)],
