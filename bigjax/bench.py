@@ -17,6 +17,7 @@ import numpy as np
 from bigjax import perf
 from bigjax.build import build
 from bigjax.config import Config, compute_dtype
+from bigjax.data.loader import unchanged
 from bigjax.errors import ConfigError
 from bigjax.mesh import make_mesh
 from bigjax.plan import check_sizes, compiled_memory, fmt_bytes, fmt_count, random_batch
@@ -72,7 +73,9 @@ def run_bench(cfg: Config, steps: int = 10) -> BenchResult:
     parts = build(cfg, mesh)
     dtype = compute_dtype(cfg)
     state = parts.init_state()
-    batches = [jax.device_put(random_batch(cfg, seed), parts.batch_sharding) for seed in range(2)]
+    host_batch = getattr(parts.task, "host_batch", unchanged)  # as the trainer's
+    batches = [jax.device_put(host_batch(random_batch(cfg, seed)), parts.batch_sharding)
+               for seed in range(2)]
     t0 = time.perf_counter()
     step = parts.train_step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0

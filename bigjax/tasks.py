@@ -13,6 +13,7 @@ from typing import Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -33,6 +34,10 @@ class Task(Protocol):
 
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Host-side metrics from summed statistics."""
+
+    # Optional: `host_batch(batch) -> batch`, a process-local batch of numpy arrays as the step
+    # should get it, applied on the host before it goes to the devices (single-process runs
+    # only: every process must run the same program). See CausalLM.host_batch.
 
 
 def token_stats(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array) -> Stats:
@@ -69,8 +74,29 @@ class CausalLM:
             return chunked_token_stats(h, head, batch["targets"], batch["weights"])
         return token_stats(model(batch["inputs"], **kw), batch["targets"], batch["weights"])
 
+    def host_batch(self, batch):
+        """Without `segment_ids` when no row needs them, so that attention runs as plain causal:
+        no T x S document mask (cuDNN's fastest kernel on a GPU: 1.92 against 2.92 ms per layer
+        forward and backward on an H200 at 8 x 2,048, 32 heads over 8). A second compiled step,
+        made the first time such a batch comes."""
+        seg = batch.get("segment_ids")
+        if seg is None or crosses_documents(seg, batch["weights"]):
+            return batch
+        return {k: v for k, v in batch.items() if k != "segment_ids"}
+
     def finalize(self, sums):
         return finalize_token_stats(sums)
+
+
+def crosses_documents(segment_ids_BT: np.ndarray, weights_BT: np.ndarray) -> bool:
+    """Whether a weighted position lies at or after a change of segment in its row. Under a
+    causal mask position t sees only positions <= t, so if none does, every weighted position
+    sees exactly what the segment ids would let it see, and the loss and its gradients are the
+    same without them: one document per row, or one followed by weight-0 padding (`data.pack:
+    false` pads each document as its own segment)."""
+    seg = np.asarray(segment_ids_BT)
+    after = np.cumsum(seg[:, 1:] != seg[:, :-1], axis=1) > 0  # B x T-1: positions 1..T-1
+    return bool(np.any(np.asarray(weights_BT)[:, 1:][after] != 0))
 
 
 @dataclass(frozen=True)

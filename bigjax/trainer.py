@@ -166,6 +166,12 @@ class Trainer:
             self.state, self._data_state = self._restore_or_init()
         return self.state
 
+    def _host_batch(self):
+        """The task's host-side batch edit (tasks.Task), in a single-process run only: with
+        several, each would decide on its own rows and the processes could run different
+        programs."""
+        return getattr(self.parts.task, "host_batch", None) if jax.process_count() == 1 else None
+
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
         """Validation metrics over the eval split, or its first `train.eval_batches` batches
@@ -178,7 +184,8 @@ class Trainer:
         self.eval_coverage = (min(total, limit * batch) if limit else total, total)
         batches = eval_batches(self.data.eval, batch, sharding=self.parts.batch_sharding,
                                process_index=jax.process_index(),
-                               process_count=jax.process_count(), limit=limit)
+                               process_count=jax.process_count(), limit=limit,
+                               host_batch=self._host_batch())
         pending = []
         for batch in batches:
             pending.append(self.parts.eval_step(state.params, state.model_state, batch))
@@ -303,7 +310,7 @@ class Trainer:
             self.data.train, t.batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle,
             sharding=self.parts.batch_sharding, process_index=jax.process_index(),
             process_count=jax.process_count(), workers=cfg.data.workers,
-            threads=cfg.data.threads, prefetch=PREFETCH)
+            threads=cfg.data.threads, prefetch=PREFETCH, host_batch=self._host_batch())
         if self._data_state:
             loader.restore(self._data_state)
         report = Reporter(self.run_dir, t.steps, start, t.progress)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 import math
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grain
 import jax
@@ -30,6 +30,11 @@ def _absl_flags_ready() -> None:
     from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def unchanged(batch: Example) -> Example:
+    """The default host-side batch edit (a task's optional `host_batch`, tasks.Task): none."""
+    return batch
 
 
 def to_global(local: Example, sharding: NamedSharding) -> dict[str, jax.Array]:
@@ -67,8 +72,10 @@ class TrainLoader:
 
     def __init__(self, source: Sequence[Example], global_batch: int, *, seed: int, shuffle: bool,
                  sharding: NamedSharding | None, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0, threads: int = 0, prefetch: int = 0):
+                 workers: int = 0, threads: int = 0, prefetch: int = 0,
+                 host_batch: Callable[[Example], Example] | None = None):
         self.local_batch = _local_batch(global_batch, process_count)
+        self._host_batch = host_batch or unchanged
         n = len(source)
         usable = n - n % process_count
         if usable < process_count:
@@ -120,7 +127,7 @@ class TrainLoader:
         return self
 
     def _read(self) -> dict[str, Any]:
-        local = next(self._it)
+        local = self._host_batch(next(self._it))
         self._taken += 1
         return local if self.sharding is None else to_global(local, self.sharding)
 
@@ -163,7 +170,8 @@ class TrainLoader:
 
 
 def eval_batches(source: Sequence[Example], global_batch: int, *, sharding: NamedSharding | None,
-                 process_index: int = 0, process_count: int = 1, limit: int = 0):
+                 process_index: int = 0, process_count: int = 1, limit: int = 0,
+                 host_batch: Callable[[Example], Example] | None = None):
     """The whole split once, in order; the last batch is padded with weight-0 rows.
 
     Every process yields the same number of batches (collectives need it), each holding its share.
@@ -179,4 +187,5 @@ def eval_batches(source: Sequence[Example], global_batch: int, *, sharding: Name
         pad = local_batch - len(rows)
         rows += [{k: np.zeros_like(v) for k, v in template.items()}] * pad
         local = {k: np.stack([r[k] for r in rows]) for k in template}
+        local = (host_batch or unchanged)(local)
         yield local if sharding is None else to_global(local, sharding)

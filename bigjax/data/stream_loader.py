@@ -5,7 +5,7 @@ the checkpoint (orbax writes it from process 0)."""
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -13,7 +13,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from bigjax.data.lm_stream import MixtureSource, StreamSource
-from bigjax.data.loader import Example, TrainLoader, _absl_flags_ready, _local_batch, to_global
+from bigjax.data.loader import (Example, TrainLoader, _absl_flags_ready, _local_batch, to_global,
+                                unchanged)
 from bigjax.errors import DataError
 
 
@@ -41,8 +42,10 @@ class StreamLoader(TrainLoader):
 
     def __init__(self, source: StreamSource | MixtureSource, global_batch: int, *, seed: int, shuffle: bool,
                  sharding: NamedSharding | None, process_index: int = 0, process_count: int = 1,
-                 workers: int = 0, threads: int = 0, prefetch: int = 0):
+                 workers: int = 0, threads: int = 0, prefetch: int = 0,
+                 host_batch: Callable[[dict], dict] | None = None):
         import collections
+        self._host_batch = host_batch or unchanged
         self.local_batch = _local_batch(global_batch, process_count)
         source.check_shares("(stream)", process_count, workers)
         self._ds = source.pipeline(process_index, process_count, seed=seed, shuffle=shuffle,
@@ -79,6 +82,7 @@ class StreamLoader(TrainLoader):
         if "source_id" in local:  # a mixture: counted here, never seen by the step
             ids = local.pop("source_id")
             counts = (np.bincount(ids, minlength=len(self._names)) * local["inputs"].shape[1]).tolist()
+        local = self._host_batch(local)
         return before, (local if self.sharding is None else to_global(local, self.sharding)), counts
 
     def __next__(self) -> dict[str, Any]:
