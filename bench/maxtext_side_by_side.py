@@ -89,6 +89,9 @@ def main() -> None:
     systems = {f"bigjax (jax {jax_version(py)})": py for py in args.bigjax_python}
     if len(systems) < len(args.bigjax_python):
         ap.error("--bigjax-python: two interpreters with the same jax version")
+    sys.path.insert(0, ROOT)
+    from bigjax.perf import cpu_description
+    print(f"CPU: {cpu_description()}", flush=True)
     results: dict[str, dict[str, list[float]]] = {s: {k: [] for k in [*systems, "MaxText"]}
                                                   for s in SETTINGS}
     for r in range(args.rounds):

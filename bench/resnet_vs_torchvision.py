@@ -43,6 +43,8 @@ if "--keep-host-memory" in sys.argv:  # before jax starts its threads (see host_
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bigjax.perf import cpu_description  # noqa: E402
+
 
 def torch_side(args, x, y):
     import torch
@@ -148,6 +150,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; jax {jax.__version__} "
           f"on {jax.devices()[0].platform}; load average {os.getloadavg()[0]:.1f}; "
           f"keep-host-memory {args.keep_host_memory}", flush=True)
+    print(f"CPU: {cpu_description()}", flush=True)
     steps = {"pytorch": torch_side(args, x, y)}
     for impl in args.conv_impl:
         steps["bigjax" if len(args.conv_impl) == 1 else f"bigjax[{impl}]"] = bigjax_side(

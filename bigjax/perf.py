@@ -106,15 +106,37 @@ def cache_dir() -> str:
     return os.path.join(base, "bigjax")
 
 
-def _cpu_model() -> str:
+def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo, keys lower-cased ({} where there is none)."""
+    fields: dict[str, str] = {}
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip().lower(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cpu_model(fields: dict[str, str] | None = None) -> str:
+    fields = _cpuinfo() if fields is None else fields
+    return fields.get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The host CPU as benches print it: model, family/model numbers and widest vector unit.
+    Ratios to other systems move with it (a virtual machine's "AMD EPYC" can be one of several
+    generations; README "Performance")."""
+    fields = _cpuinfo(cpuinfo)
+    flags = (fields.get("flags") or fields.get("features", "")).split()  # x86 / Arm
+    isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"),
+                                        ("asimd", "NEON")) if flag in flags), "")
+    numbers = (f"family {fields['cpu family']} model {fields['model']}"
+               if "cpu family" in fields and "model" in fields else "")
+    return ", ".join(x for x in (_cpu_model(fields), numbers, isa, f"{_cpus()} cpus") if x)
 
 
 def _cpus() -> int:
@@ -125,7 +147,9 @@ def _cpus() -> int:
 
 
 def cpu_peak_key(dtype: str) -> str:
-    return f"{_cpu_model()} | {_cpus()} cpus | {jax.device_count()} devices | {dtype}"
+    """The peak cache's key: the CPU down to its family, model and vector unit, since a home
+    directory shared by a cluster's nodes may hold the peaks of several kinds of "AMD EPYC"."""
+    return f"{cpu_description()} | {jax.device_count()} devices | {dtype}"
 
 
 def measure_matmul_flops(dtype: str = "float32", sizes: tuple[int, ...] = (512, 1024),

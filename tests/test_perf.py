@@ -4,6 +4,7 @@ decoder and for BERT heads that compute only the positions they read."""
 from __future__ import annotations
 
 import json
+import platform
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,27 @@ def test_cpu_peak_is_the_best_of_several_runs_cached_per_machine(tmp_path, monke
     assert perf.cpu_peak_flops("float32", remeasure=True).flops == 80e9  # a quieter moment
     kept = perf.cpu_peak_flops("float32", remeasure=True)  # a busier one does not lower it
     assert kept.flops == 80e9 and "higher than now" in kept.source
+
+
+def test_cpu_description_tells_apart_cpus_of_one_model_name(tmp_path):
+    """Two virtual machines both named "AMD EPYC" ran ResNet-18 at 0.99x and ~0.7x of PyTorch:
+    the family, model and vector unit tell them apart in bench output and in the peak cache."""
+    from bigjax import perf
+
+    def described(text):
+        path = tmp_path / "cpuinfo"
+        path.write_text(text)
+        return perf.cpu_description(str(path))
+    cpus = f"{perf._cpus()} cpus"
+    zen4 = ("processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\n"
+            "flags\t\t: fpu avx avx2 avx512f avx512bw\n\nprocessor\t: 1\nmodel name\t: Other\n")
+    assert described(zen4) == f"AMD EPYC, family 25 model 17, AVX-512, {cpus}"
+    zen2 = zen4.replace(": 17", ": 49").replace(": 25", ": 23").replace(" avx512f avx512bw", "")
+    assert described(zen2) == f"AMD EPYC, family 23 model 49, AVX2, {cpus}"
+    arm = "processor\t: 0\nFeatures\t: fp asimd evtstrm\nCPU implementer\t: 0x41\n"
+    assert described(arm) == f"{platform.processor() or platform.machine()}, NEON, {cpus}"
+    bare = f"{platform.processor() or platform.machine()}, {cpus}"
+    assert described("") == bare and perf.cpu_description(str(tmp_path / "none")) == bare
 
 
 def test_the_measured_peak_is_the_best_run_not_the_median(monkeypatch):
