@@ -121,11 +121,6 @@ def _cpuinfo(path: str = "/proc/cpuinfo") -> dict[str, str]:
     return fields
 
 
-def _cpu_model(fields: dict[str, str] | None = None) -> str:
-    fields = _cpuinfo() if fields is None else fields
-    return fields.get("model name") or platform.processor() or platform.machine()
-
-
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     """The host CPU as benches print it: model, family/model numbers and widest vector unit.
     Ratios to other systems move with it (a virtual machine's "AMD EPYC" can be one of several
@@ -136,7 +131,8 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
                                         ("asimd", "NEON")) if flag in flags), "")
     numbers = (f"family {fields['cpu family']} model {fields['model']}"
                if "cpu family" in fields and "model" in fields else "")
-    return ", ".join(x for x in (_cpu_model(fields), numbers, isa, f"{_cpus()} cpus") if x)
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    return ", ".join(x for x in (name, numbers, isa, f"{_cpus()} cpus") if x)
 
 
 def _cpus() -> int:
