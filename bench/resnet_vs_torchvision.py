@@ -140,8 +140,8 @@ def main() -> None:
                    help="bigjax/host_memory.py's malloc settings for the whole process")
     args = p.parse_args()
     for variant in args.conv_impl:
-        if parse_variant(variant)[0] not in ("auto", "xla", "im2col"):
-            p.error(f"--conv-impl {variant}: expected auto, xla or im2col, optionally followed "
+        if parse_variant(variant)[0] not in ("auto", "xla", "im2col", "onednn"):
+            p.error(f"--conv-impl {variant}: expected auto, xla, im2col or onednn, optionally followed "
                     f"by {' and/or '.join(SUFFIXES)}")
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)

@@ -1,7 +1,10 @@
-"""bigjax/models/conv.py: the im2col filter gradient and 1x1 matrix products compute what XLA's
-convolution computes (outputs and both gradients), also chunked, sharded and inside a ResNet."""
+"""bigjax/models/conv.py: oneDNN's kernels, the im2col filter gradient and 1x1 matrix products
+compute what XLA's convolution computes (outputs and both gradients), also chunked, sharded and
+inside a ResNet."""
 
 import dataclasses
+import platform
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +14,10 @@ from flax import nnx
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bigjax.models import conv
+from bigjax.errors import ConfigError
+from bigjax.kernels import native
+from bigjax.models import axes, conv
+from bigjax.models.batchnorm import check_image_model
 from bigjax.models.cnn import CNN, CNNConfig
 from bigjax.models.resnet import ResNet, ResNetConfig
 
@@ -87,11 +93,82 @@ def test_filter_grad_under_a_sharded_batch_equals_one_device(method, monkeypatch
     np.testing.assert_allclose(one, lax_grad(x, dy), rtol=0, atol=1e-4)
 
 
-def test_auto_on_cpu_keeps_xla_stride1_filter_gradients_only_on_eigen(monkeypatch):
-    """`auto` on CPU: stride-1 filter gradients stay XLA's where bigjax's steps run convolutions on
+def test_onednn_kernels_are_built_here():
+    """scripts/setup.sh builds bigjax/kernels/onednn_conv.cc on x86-64 Linux: a CI that did not
+    would otherwise test `auto` on its fallback only."""
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("oneDNN's wheels are for x86-64 Linux only")
+    assert native.onednn_conv(), native.BUILD_HINT
+
+
+@pytest.mark.parametrize("size,c_in,c_out,k,stride", SHAPES)
+def test_onednn_equals_xla_outputs_and_gradients(size, c_in, c_out, k, stride):
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (6, *size, c_in))
+    w = jax.random.normal(kw, (k, k, c_in, c_out)) / (k * k * c_in) ** 0.5
+    size_out = [(n + 2 * (k // 2) - k) // stride + 1 for n in size]
+    g = jax.random.normal(jax.random.key(2), (6, *size_out, c_out))
+
+    def run(fn):
+        y, vjp = jax.vjp(lambda x, w: fn(x, w, stride), x, w)
+        return y, *vjp(g)
+    (y_ref, dx_ref, dw_ref), (y, dx, dw) = jax.jit(
+        lambda x, w: (run(reference), run(lambda x, w, s: conv.conv2d(x, w, s, "onednn"))))(x, w)
+    assert y.shape == y_ref.shape and dx.shape == dx_ref.shape and dw.shape == dw_ref.shape
+    # measured differences ~1e-7 of the largest entry (summation order); a wrong padding side,
+    # tap order or filter layout (HWIO against oneDNN's OIHW) moves entries by O(0.1)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(dx, dx_ref, rtol=0, atol=2e-5)
+    np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-4)
+
+
+def test_onednn_under_a_sharded_batch_runs_per_device_and_equals_one_device():
+    """With the train step's rules bound (batch over 8 devices), each custom call runs inside a
+    shard_map on its device's rows and the filter gradient is summed over devices: the same
+    outputs and gradients as one call on the whole batch (not 8 replicated whole-batch calls)."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rules = lambda names: NamedSharding(mesh, P(*("data" if n == "batch" else None for n in names)))
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (16, 8, 8, 4))
+    w = jax.random.normal(kw, (3, 3, 4, 5)) / 6
+    g = jax.random.normal(kg, (16, 4, 4, 5))
+
+    def run():  # a new function per context: jax caches traces by function, not by context
+        def f(x, w):
+            y, vjp = jax.vjp(lambda x, w: conv.conv2d(x, w, 2, "onednn"), x, w)
+            return y, *vjp(g)
+        return f
+    one = jax.jit(run())(x, w)
+    with axes.constraints(rules):
+        jaxpr = str(jax.make_jaxpr(run())(x, w))
+        sharded = jax.jit(run())(jax.device_put(x, NamedSharding(mesh, P("data"))), w)
+    assert jaxpr.count("shard_map") == 3  # forward, input gradient, filter gradient
+    assert sharded[0].sharding.spec[0] == "data"  # the output stays split over the batch
+    for a, b in zip(sharded[:2], one[:2]):  # per image: the very same computation
+        np.testing.assert_array_equal(a, b)
+    # the filter gradient: 8 partial sums added across devices instead of one sum (float32 order)
+    np.testing.assert_allclose(sharded[2], one[2], rtol=0, atol=1e-5)
+
+
+def test_explicit_onednn_where_it_is_not_built_is_one_line(monkeypatch):
+    monkeypatch.setattr(native, "library_path", lambda: native.Path("/nonexistent/lib.so"))
+    with pytest.raises(ConfigError, match=r"^model.conv_impl: onednn is not built here: pip "
+                                          r"install 'bigjax\[onednn\]'"):
+        check_image_model("resnet", ResNetConfig(conv_impl="onednn"), ImageTaskStub())
+
+
+class ImageTaskStub:
+    name, num_labels = "image_classification", 10
+
+
+def test_auto_on_cpu_is_onednn_in_float32_else_xla_stride1_only_on_eigen(monkeypatch):
+    """`auto` on CPU: oneDNN's kernels in float32 where they are built. Otherwise (bfloat16, or
+    not built) stride-1 filter gradients stay XLA's where bigjax's steps run convolutions on
     XLA's Eigen kernels (both jax versions here), all im2col where an XLA refused that option and
     convolutions stay on YNNPACK (whose filter gradients ran at a few GFLOP/s)."""
     assert jax.default_backend() == "cpu"
+    assert conv.resolve_impl("auto") == "onednn"
+    monkeypatch.setattr(native, "onednn_conv", lambda: False)
     assert conv.resolve_impl("auto") == "mixed"
     assert conv.resolve_impl("auto", jnp.bfloat16) == "mixed"
     assert conv.resolve_impl("xla") == "xla" and conv.resolve_impl("im2col") == "im2col"
@@ -133,22 +210,26 @@ def test_every_resnet_convolution_follows_conv_impl():
                        image_width=16, image_channels=3)
     images = jnp.zeros((2, 16, 16, 3))
     counts = {}
-    for impl in ("xla", "im2col", "auto"):
+    for impl in ("xla", "im2col", "mixed", "onednn", "auto"):
         model = nnx.eval_shape(lambda: ResNet(dataclasses.replace(cfg, conv_impl=impl), 3,
                                               nnx.Rngs(0)))  # abstract: no init to compile
         graph, params, rest = nnx.split(model, nnx.Param, ...)
         def loss(p, r, graph=graph):
             return nnx.merge(graph, p, r, copy=True)(images, train=True).sum()
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, rest))
-        counts[impl] = (jaxpr.count("conv_general_dilated"), jaxpr.count("dot_general"))
+        counts[impl] = (jaxpr.count("conv_general_dilated"), jaxpr.count("dot_general"),
+                        jaxpr.count("ffi_call"))
     # 17 convolutions: the 7x7 stem, 4 strided-or-not 3x3, 12 1x1 (2 per bottleneck + downsample).
     # xla: each has a forward, an input and a filter gradient convolution (none for the images'
     # gradient) = 50; the classifier's 3 matrix products.
-    assert counts["xla"] == (50, 3)
+    assert counts["xla"] == (50, 3, 0)
     # im2col: the 5 k x k convolutions keep a forward and an input gradient convolution (the custom
     # backward re-traces the forward for its input vjp; XLA drops that unused copy) = 15; matrix
     # products: 12 1x1 x 3 + 5 filter gradients + the classifier's 3 = 44
-    assert counts["im2col"] == (15, 44)
-    # auto on CPU: the one stride-1 3x3 (stage 1's) is XLA's throughout, its filter gradient a
+    assert counts["im2col"] == (15, 44, 0)
+    # mixed: the one stride-1 3x3 (stage 1's) is XLA's throughout, its filter gradient a
     # convolution instead of a product (3 convolutions either way): 15 and 43
-    assert counts["auto"] == (15, 43)
+    assert counts["mixed"] == (15, 43, 0)
+    # onednn (auto on CPU in float32): 3 custom calls per convolution, all 17 of them (the stem's
+    # input gradient is traced too, and dropped by XLA), no XLA convolution or 1x1 product
+    assert counts["onednn"] == counts["auto"] == (0, 3, 51)

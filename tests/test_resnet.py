@@ -40,7 +40,8 @@ def test_steps_compile_convolutions_outside_ynnpack():
     from bigjax.plan import random_batch
     from bigjax.xla_cpu import compiler_options
     assert compiler_options("float32") is not None  # taken, else the test is void
-    parts = one_device(resnet_config("model.blocks=[1,1,1,1]", "model.width=16"))
+    parts = one_device(resnet_config("model.blocks=[1,1,1,1]", "model.width=16",
+                                     "model.conv_impl=xla"))  # XLA's own convolutions
     state = parts.init_state()
     batch = jax.device_put(random_batch(parts.cfg, 0), parts.batch_sharding)
     # the train step (eval and predict steps are jitted with the same options: bigjax/step.py)
@@ -161,7 +162,7 @@ def test_flops_equal_torchvisions_published_counts():
                            "got [2, 2]"),
     ("model.stem=tiny", "model.stem"),
     ("model.conv_impl=cudnn", "model.conv_impl: got 'cudnn', expected one of 'auto', 'xla', "
-                              "'im2col'"),
+                              "'im2col', 'onednn'"),
 ])
 def test_bad_resnet_keys_are_one_line(over, message, tmp_path, capsys):
     rc = cli_run(["train", "configs/resnet18_cifar10.yaml", f"run.dir={tmp_path}/run", over])

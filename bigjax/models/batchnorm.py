@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigjax.errors import ConfigError
+from bigjax.kernels import native
 from bigjax.models.axes import param
 
 
@@ -106,6 +107,8 @@ def check_image_model(name: str, model, task) -> None:
         raise ConfigError(f"model.bn_eps must be positive, got {model.bn_eps}")
     if model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype: got {model.dtype!r}, expected 'float32' or 'bfloat16'")
+    if model.conv_impl == "onednn" and not native.library_path().exists():
+        raise ConfigError(f"model.conv_impl: onednn is not built here: {native.BUILD_HINT}")
     if not hasattr(task, "num_labels"):
         raise ConfigError(f"model.name={name} needs a task with num_labels "
                           f"(image_classification), got task.name={task.name}")

@@ -7,14 +7,18 @@ forward pass: most of a ResNet-18 training step (notes/issue-12-perf.md). On XLA
 kernels (where bigjax/xla_cpu.py puts convolutions) the stride-1 ones are fast; the strided
 ones and the 1x1 layers still lose to matrix products in a whole step.
 
+`onednn` runs all three (forward, input and filter gradient) as oneDNN's direct convolutions,
+PyTorch's CPU kernels, through XLA:CPU custom calls (bigjax/kernels/onednn_conv.py): where it is
+built (scripts/setup.sh) it is `auto`'s choice on CPU, the fastest of the three in a ResNet-18 step.
+
 `im2col` keeps the forward pass and the input gradient as XLA convolutions (so the outputs are
 the very numbers `xla` gives) and computes only the filter gradient as matrix products, in chunks
 of the batch: for stride 1 on images of 8 rows per padding row or more, over k width-shifted
 copies of the input against k height-shifted copies of the output gradient (2k copies instead of
 the k*k of a patch matrix; `_filter_grad_shifted`), otherwise over image patches
-(`_filter_grad_patches`); a 1x1 convolution is a plain matrix product throughout. `auto` on CPU
-is `im2col` except that stride-1 layers stay XLA's convolutions where bigjax's steps run
-convolutions on Eigen (README "Convolutions on CPU").
+(`_filter_grad_patches`); a 1x1 convolution is a plain matrix product throughout. Without oneDNN,
+`auto` on CPU is `im2col` except that stride-1 layers stay XLA's convolutions where bigjax's
+steps run convolutions on Eigen (README "Convolutions on CPU").
 """
 
 from __future__ import annotations
@@ -28,11 +32,13 @@ from flax import nnx
 from jax import lax
 
 from bigjax import xla_cpu
+from bigjax.errors import ConfigError
+from bigjax.kernels import native, onednn_conv
 from bigjax.models.axes import param
 from bigjax.models.matmul import dot_general_f32
 
-ConvImpl = Literal["auto", "xla", "im2col"]
-IMPLS = ("auto", "xla", "im2col")
+ConvImpl = Literal["auto", "xla", "im2col", "onednn"]
+IMPLS = ("auto", "xla", "im2col", "onednn")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 PATCH_CHUNK_BYTES = 32 << 20  # patches of one chunk of the batch: big matmuls, little memory
 SHIFTED_CHUNK_BYTES = 8 << 20  # both shifted operands of a chunk: measured faster than 32 MB
@@ -45,12 +51,22 @@ SHIFTED_MIN_ROWS = 8
 
 def resolve_impl(impl: str, dtype="float32") -> str:
     """`auto`: XLA's own convolutions on GPU and TPU (cuDNN and the TPU compiler have fast
-    filter-gradient kernels); on CPU `im2col`, or `mixed` (stride-1 filter gradients XLA's, the
-    rest as `im2col`) where a step computing in `dtype` runs convolutions on XLA's Eigen kernels."""
+    filter-gradient kernels); on CPU `onednn` where it is built and `dtype` is float32, else
+    `im2col`, or `mixed` (stride-1 layers XLA's, the rest as `im2col`) where a step computing in
+    `dtype` runs convolutions on XLA's Eigen kernels."""
+    cpu = jax.default_backend() == "cpu"
+    if impl == "onednn":
+        if not cpu:
+            raise ConfigError(f"model.conv_impl: onednn runs on CPU only, this backend is "
+                              f"{jax.default_backend()}: use auto or xla")
+        if not native.onednn_conv():
+            raise ConfigError(f"model.conv_impl: onednn is not built here: {native.BUILD_HINT}")
     if impl != "auto":
         return impl
-    if jax.default_backend() != "cpu":
+    if not cpu:
         return "xla"
+    if jnp.dtype(dtype) == jnp.float32 and native.onednn_conv():
+        return "onednn"
     return "mixed" if xla_cpu.convolutions_on_eigen(jnp.dtype(dtype).name) else "im2col"
 
 
@@ -61,6 +77,8 @@ def conv2d(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, impl: str) -> jax.
     impl = resolve_impl(impl, x_BHWC.dtype)
     if impl == "xla":
         return _xla_conv(x_BHWC, w_HWIO, stride)
+    if impl == "onednn":
+        return onednn_conv.conv2d(x_BHWC, w_HWIO, stride)
     if k == 1:  # a strided matrix product: no convolution, no patches
         return jnp.einsum("bhwc,co->bhwo", x_BHWC[:, ::stride, ::stride], w_HWIO[0, 0])
     if impl == "mixed" and stride == 1:
