@@ -150,11 +150,17 @@ def test_onednn_under_a_sharded_batch_runs_per_device_and_equals_one_device():
     np.testing.assert_allclose(sharded[2], one[2], rtol=0, atol=1e-5)
 
 
-def test_explicit_onednn_where_it_is_not_built_is_one_line(monkeypatch):
-    monkeypatch.setattr(native, "library_path", lambda: native.Path("/nonexistent/lib.so"))
-    with pytest.raises(ConfigError, match=r"^model.conv_impl: onednn is not built here: pip "
-                                          r"install 'bigjax\[onednn\]'"):
-        check_image_model("resnet", ResNetConfig(conv_impl="onednn"), ImageTaskStub())
+def test_explicit_onednn_where_it_cannot_be_built_is_one_line(monkeypatch, tmp_path):
+    """No oneDNN in the environment (sys.prefix): the config check names what to install."""
+    monkeypatch.setattr(native, "_prefix", lambda: tmp_path)
+    native.built.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"^model.conv_impl: onednn cannot be built here: "
+                                              r"oneDNN is not installed in .*: pip install "
+                                              r"'bigjax\[onednn\]'"):
+            check_image_model("resnet", ResNetConfig(conv_impl="onednn"), ImageTaskStub())
+    finally:
+        native.built.cache_clear()
 
 
 class ImageTaskStub:

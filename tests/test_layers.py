@@ -11,7 +11,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "bigjax")
 
 # lowest first; a module belongs to the longest prefix listed (`hf.convert` before `hf`)
 LAYERS = [
-    ("errors", "paths", "config", "registry", "host_memory", "xla_cpu"),
+    ("errors", "paths", "config", "registry", "host_memory", "xla_cpu", "kernels"),
     ("distributed", "resume"),
     ("mesh",),
     ("models", "tasks", "tasks_image", "optim"),

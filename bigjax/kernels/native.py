@@ -5,7 +5,7 @@ The one library today is oneDNN's convolutions (`onednn_conv.cc`, `model.conv_im
 linked against the `onednn-cpu-gomp` wheel (`pip install bigjax[onednn]`, x86-64 Linux), whose
 `libdnnl.so` and headers land in the environment's `lib/` and `include/`. The library is built
 next to `libdnnl.so` under a name that hashes its source and jaxlib's version, so an edited
-source or another jaxlib never loads a stale build: it is simply not there until rebuilt.
+source or another jaxlib never loads a stale build: it is rebuilt on first use instead.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from pathlib import Path
 import jax
 import jaxlib
 
+log = logging.getLogger("bigjax")
 SOURCE = Path(__file__).with_name("onednn_conv.cc")
 TARGETS = ("bigjax_conv_fwd", "bigjax_conv_bwd_data", "bigjax_conv_bwd_weights")
 BUILD_HINT = ("pip install 'bigjax[onednn]' (x86-64 Linux) and run "
@@ -65,11 +67,24 @@ def build() -> Path:
 
 
 @functools.cache
+def built() -> tuple[Path | None, str]:
+    """(the library, "") once it is built, building it first where oneDNN is installed but this
+    source or jaxlib has no build yet (an edited checkout, a new jaxlib); else (None, why)."""
+    if library_path().exists():
+        return library_path(), ""
+    try:
+        log.info("building %s (once per source and jaxlib)", SOURCE.name)
+        return build(), ""
+    except RuntimeError as e:
+        return None, str(e)
+
+
+@functools.cache
 def onednn_conv() -> bool:
     """True once the convolution targets are registered with XLA:CPU (the library is built and
-    loads); False where it is not built (`conv_impl: auto` then uses XLA's convolutions)."""
-    path = library_path()
-    if not path.exists():
+    loads); False where it cannot be built (`conv_impl: auto` then uses XLA's convolutions)."""
+    path, _ = built()
+    if path is None:
         return False
     lib = ctypes.cdll.LoadLibrary(str(path))
     for name in TARGETS:

@@ -1,6 +1,6 @@
 // oneDNN's direct convolutions (forward, input gradient, filter gradient) as XLA:CPU FFI
 // handlers: bigjax/kernels/onednn.py builds this file and registers the three targets;
-// bigjax/models/conv.py calls them for `model.conv_impl: onednn`.
+// bigjax/models/conv_onednn.py calls them (`model.conv_impl: onednn`).
 //
 // Layouts: activations NHWC (jax's), filters HWIO; oneDNN picks its own blocked filter layout
 // (`tag::any`, one reorder per call, small next to the convolution) while activations stay in

@@ -107,8 +107,8 @@ def check_image_model(name: str, model, task) -> None:
         raise ConfigError(f"model.bn_eps must be positive, got {model.bn_eps}")
     if model.dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"model.dtype: got {model.dtype!r}, expected 'float32' or 'bfloat16'")
-    if model.conv_impl == "onednn" and not native.library_path().exists():
-        raise ConfigError(f"model.conv_impl: onednn is not built here: {native.BUILD_HINT}")
+    if model.conv_impl == "onednn" and native.built()[0] is None:
+        raise ConfigError(f"model.conv_impl: onednn cannot be built here: {native.built()[1]}")
     if not hasattr(task, "num_labels"):
         raise ConfigError(f"model.name={name} needs a task with num_labels "
                           f"(image_classification), got task.name={task.name}")

@@ -8,7 +8,7 @@ kernels (where bigjax/xla_cpu.py puts convolutions) the stride-1 ones are fast; 
 ones and the 1x1 layers still lose to matrix products in a whole step.
 
 `onednn` runs all three (forward, input and filter gradient) as oneDNN's direct convolutions,
-PyTorch's CPU kernels, through XLA:CPU custom calls (bigjax/kernels/onednn_conv.py): where it is
+PyTorch's CPU kernels, through XLA:CPU custom calls (bigjax/models/conv_onednn.py): where it is
 built (scripts/setup.sh) it is `auto`'s choice on CPU, the fastest of the three in a ResNet-18 step.
 
 `im2col` keeps the forward pass and the input gradient as XLA convolutions (so the outputs are
@@ -33,7 +33,8 @@ from jax import lax
 
 from bigjax import xla_cpu
 from bigjax.errors import ConfigError
-from bigjax.kernels import native, onednn_conv
+from bigjax.kernels import native
+from bigjax.models import conv_onednn
 from bigjax.models.axes import param
 from bigjax.models.matmul import dot_general_f32
 
@@ -60,7 +61,7 @@ def resolve_impl(impl: str, dtype="float32") -> str:
             raise ConfigError(f"model.conv_impl: onednn runs on CPU only, this backend is "
                               f"{jax.default_backend()}: use auto or xla")
         if not native.onednn_conv():
-            raise ConfigError(f"model.conv_impl: onednn is not built here: {native.BUILD_HINT}")
+            raise ConfigError(f"model.conv_impl: onednn cannot be built here: {native.built()[1]}")
     if impl != "auto":
         return impl
     if not cpu:
@@ -78,7 +79,7 @@ def conv2d(x_BHWC: jax.Array, w_HWIO: jax.Array, stride: int, impl: str) -> jax.
     if impl == "xla":
         return _xla_conv(x_BHWC, w_HWIO, stride)
     if impl == "onednn":
-        return onednn_conv.conv2d(x_BHWC, w_HWIO, stride)
+        return conv_onednn.conv2d(x_BHWC, w_HWIO, stride)
     if k == 1:  # a strided matrix product: no convolution, no patches
         return jnp.einsum("bhwc,co->bhwo", x_BHWC[:, ::stride, ::stride], w_HWIO[0, 0])
     if impl == "mixed" and stride == 1:

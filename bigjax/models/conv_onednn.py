@@ -1,4 +1,4 @@
-"""`conv2d` on oneDNN's direct convolutions (onednn_conv.cc): forward, input gradient and filter
+"""`conv2d` on oneDNN's direct convolutions (bigjax/kernels/onednn_conv.cc): forward, input gradient and filter
 gradient are one XLA:CPU custom call each, joined by a custom VJP.
 
 Why: XLA:CPU's convolutions (Eigen's or YNNPACK's) ran a ResNet-18 step at 0.69-0.84x PyTorch's
