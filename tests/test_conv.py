@@ -122,6 +122,28 @@ def test_onednn_equals_xla_outputs_and_gradients(size, c_in, c_out, k, stride):
     np.testing.assert_allclose(dw, dw_ref, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_onednn_in_bfloat16_equals_float32_convolutions_to_bfloat16_precision(stride):
+    """bfloat16 operands (`model.dtype: bfloat16` with `conv_impl: onednn`): oneDNN accumulates in
+    float32, so results are float32 convolutions of the same bfloat16 inputs, rounded once."""
+    kx, kw, kg = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(kx, (4, 9, 9, 8)).astype(jnp.bfloat16)
+    w = (jax.random.normal(kw, (3, 3, 8, 6)) / 8).astype(jnp.bfloat16)
+    n = (9 - 1) // stride + 1
+    g = jax.random.normal(kg, (4, n, n, 6)).astype(jnp.bfloat16)
+
+    def run(fn, x, w):
+        y, vjp = jax.vjp(lambda x, w: fn(x, w, stride), x, w)
+        return y, *vjp(g.astype(y.dtype))
+    got = jax.jit(lambda x, w: run(lambda x, w, s: conv.conv2d(x, w, s, "onednn"), x, w))(x, w)
+    want = jax.jit(lambda x, w: run(reference, x.astype(jnp.float32), w.astype(jnp.float32)))(x, w)
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        # one bfloat16 rounding: <= 2^-8 of an entry; a wrong tap or layout is off by O(1)
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=0,
+                                   atol=2 ** -7 * float(jnp.abs(b).max()))
+
+
 def test_onednn_under_a_sharded_batch_runs_per_device_and_equals_one_device():
     """With the train step's rules bound (batch over 8 devices), each custom call runs inside a
     shard_map on its device's rows and the filter gradient is summed over devices: the same
@@ -150,6 +172,15 @@ def test_onednn_under_a_sharded_batch_runs_per_device_and_equals_one_device():
     np.testing.assert_allclose(sharded[2], one[2], rtol=0, atol=1e-5)
 
 
+def test_bfloat16_units_are_read_from_the_cpu_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile\n")
+    assert native.bfloat16_units.__wrapped__(str(info))
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\n")
+    assert not native.bfloat16_units.__wrapped__(str(info))
+    assert not native.bfloat16_units.__wrapped__(str(tmp_path / "missing"))
+
+
 def test_explicit_onednn_where_it_cannot_be_built_is_one_line(monkeypatch, tmp_path):
     """No oneDNN in the environment (sys.prefix): the config check names what to install."""
     monkeypatch.setattr(native, "_prefix", lambda: tmp_path)
@@ -168,12 +199,16 @@ class ImageTaskStub:
 
 
 def test_auto_on_cpu_is_onednn_in_float32_else_xla_stride1_only_on_eigen(monkeypatch):
-    """`auto` on CPU: oneDNN's kernels in float32 where they are built. Otherwise (bfloat16, or
-    not built) stride-1 filter gradients stay XLA's where bigjax's steps run convolutions on
+    """`auto` on CPU: oneDNN's kernels where they are built, in float32, and in bfloat16 where
+    the CPU has bfloat16 units. Otherwise stride-1 filter gradients stay XLA's where bigjax's steps run convolutions on
     XLA's Eigen kernels (both jax versions here), all im2col where an XLA refused that option and
     convolutions stay on YNNPACK (whose filter gradients ran at a few GFLOP/s)."""
     assert jax.default_backend() == "cpu"
     assert conv.resolve_impl("auto") == "onednn"
+    monkeypatch.setattr(native, "bfloat16_units", lambda: True)
+    assert conv.resolve_impl("auto", jnp.bfloat16) == "onednn"
+    monkeypatch.setattr(native, "bfloat16_units", lambda: False)
+    assert conv.resolve_impl("auto", jnp.bfloat16) == "mixed"
     monkeypatch.setattr(native, "onednn_conv", lambda: False)
     assert conv.resolve_impl("auto") == "mixed"
     assert conv.resolve_impl("auto", jnp.bfloat16) == "mixed"

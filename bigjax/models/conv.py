@@ -52,9 +52,9 @@ SHIFTED_MIN_ROWS = 8
 
 def resolve_impl(impl: str, dtype="float32") -> str:
     """`auto`: XLA's own convolutions on GPU and TPU (cuDNN and the TPU compiler have fast
-    filter-gradient kernels); on CPU `onednn` where it is built and `dtype` is float32, else
-    `im2col`, or `mixed` (stride-1 layers XLA's, the rest as `im2col`) where a step computing in
-    `dtype` runs convolutions on XLA's Eigen kernels."""
+    filter-gradient kernels); on CPU `onednn` where it is built, in float32, and in bfloat16 on
+    CPUs with bfloat16 units; else `im2col`, or `mixed` (stride-1 layers XLA's, the rest as
+    `im2col`) where a step computing in `dtype` runs convolutions on XLA's Eigen kernels."""
     cpu = jax.default_backend() == "cpu"
     if impl == "onednn":
         if not cpu:
@@ -66,7 +66,9 @@ def resolve_impl(impl: str, dtype="float32") -> str:
         return impl
     if not cpu:
         return "xla"
-    if jnp.dtype(dtype) == jnp.float32 and native.onednn_conv():
+    dtype = jnp.dtype(dtype)
+    if (dtype == jnp.float32 or dtype == jnp.bfloat16 and native.bfloat16_units()) \
+            and native.onednn_conv():
         return "onednn"
     return "mixed" if xla_cpu.convolutions_on_eigen(jnp.dtype(dtype).name) else "im2col"
 
