@@ -169,6 +169,7 @@ ALLOWED = {
     "data/prepare.py": "reads the input files (local); writes the prepared dir through epath",
     "data/image_sources.py": "reads user image folders",
     "hf/torchvision.py": "reads a user's torchvision weights file",
+    "kernels/native.py": "compiles its kernels into the Python environment's lib/, never a run dir",
 }
 ROOT = os.path.join(os.path.dirname(__file__), "..", "bigjax")
 
