@@ -6,7 +6,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from bigjax.data.loader import TrainLoader, eval_batches
+from bigjax.data.loader import TrainLoader, eval_batches, process_rows
 from bigjax.errors import DataError
 
 
@@ -83,24 +83,36 @@ def test_each_epoch_is_a_new_permutation_of_all_examples():
     assert sum(take(loader(shuffle=False), 5), []) == list(range(20))
 
 
-def test_two_processes_read_disjoint_shards_that_cover_each_epoch_once():
-    # 21 examples: one is cut per epoch so both processes take the same number of steps
-    shards = [loader(n=21, batch=6, pi=p, pc=2) for p in range(2)]
-    assert [s.examples_per_epoch for s in shards] == [10, 10]
-    assert shards[0].dropped_per_epoch == 1 and shards[0].local_batch == 3
-    seen = [sum(take(s, 10), []) for s in shards]  # 3 epochs' worth of steps per process
-    for epoch in range(3):
-        a, b = (set(x[epoch * 10:(epoch + 1) * 10]) for x in seen)
-        assert len(a) == len(b) == 10 and not a & b
-        assert len(a | b) == 20 and (a | b) <= set(range(21))
-    # same seed, one process: its epoch is the union of both shards' epoch, interleaved
-    single = sum(take(loader(n=21, batch=2, seed=3), 10), [])
-    assert single == [x for pair in zip(seen[0][:10], seen[1][:10]) for x in pair]
+def test_processes_read_their_rows_of_one_process_global_batches():
+    """Each of P processes reads its block of every global batch: side by side they are one
+    process's batches, whatever P, so row-keyed draws (dropout) and resume on another P match."""
+    single = take(loader(n=21, batch=6), 10)  # 60 examples: crosses two epoch boundaries
+    for pc in (2, 3):
+        shards = [loader(n=21, batch=6, pi=p, pc=pc) for p in range(pc)]
+        assert [s.local_batch for s in shards] == [6 // pc] * pc
+        per_process = [take(s, 10) for s in shards]
+        assert [sum(rows, []) for rows in zip(*per_process)] == single
+    seen = sum(single, [])
+    assert sorted(seen[:21]) == sorted(seen[21:42]) == list(range(21))  # each epoch once
 
 
-def test_too_few_examples_for_the_processes_is_a_clear_error():
-    with pytest.raises(DataError, match="holds 1 examples, fewer than the 2 processes"):
-        loader(n=1, batch=2, pc=2)
+def test_rows_follow_the_batch_sharding_of_this_process():
+    from types import SimpleNamespace
+
+    # a process whose devices hold rows 2-3 and 6-7 of a batch of 8 (a mesh ordered that way)
+    shards = SimpleNamespace(addressable_devices_indices_map=lambda shape: {
+        0: (slice(2, 4),), 1: (slice(6, 8),)})
+    assert process_rows(8, shards, 0, 2) == [2, 3, 6, 7]
+    assert process_rows(8, None, 1, 2) == [4, 5, 6, 7]
+
+
+def test_resume_on_another_number_of_processes_continues_the_same_batches():
+    two = [loader(n=21, batch=6, pi=p, pc=2) for p in range(2)]
+    for s in two:
+        take(s, 4)
+    one = loader(n=21, batch=6)
+    one.restore(two[0].state())
+    assert take(one, 3) == take(loader(n=21, batch=6), 7)[4:]
 
 
 def test_eval_covers_the_split_once_per_process_with_weightless_padding():

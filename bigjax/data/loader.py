@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import math
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import grain
@@ -41,24 +42,44 @@ def to_global(local: Example, sharding: NamedSharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-class _EpochReader:
-    """(position, index) -> source.example_at_epoch(index, epoch); a class so workers can pickle it."""
+class _ProcessRows:
+    """Local element j -> the global stream's element at global batch j // L, row rows[j % L]:
+    this process's rows of each global batch (a class so grain's workers can pickle it)."""
 
-    def __init__(self, source, per_epoch: int):
-        self.source, self.per_epoch = source, per_epoch
+    def __init__(self, stream: grain.MapDataset, global_batch: int, rows: Sequence[int],
+                 source=None, per_epoch: int = 0):
+        self.stream, self.global_batch, self.rows = stream, global_batch, list(rows)
+        self.source, self.per_epoch = source, per_epoch  # source: read with its epoch (augment)
 
-    def __call__(self, position: int, index: int) -> Example:
-        return self.source.example_at_epoch(int(index), position // self.per_epoch)
+    def __call__(self, j: int) -> Example:
+        g = j // len(self.rows) * self.global_batch + self.rows[j % len(self.rows)]
+        item = self.stream[g]
+        return item if self.source is None else \
+            self.source.example_at_epoch(int(item), g // self.per_epoch)
+
+
+def process_rows(global_batch: int, sharding: NamedSharding | None, process_index: int,
+                 process_count: int) -> list[int]:
+    """The rows of a global batch this process holds, in order: those of its devices' shards
+    (what `make_array_from_process_local_data` fills from its local batch), else the p-th block."""
+    local = _local_batch(global_batch, process_count)
+    if sharding is not None:
+        shards = sharding.addressable_devices_indices_map((global_batch,)).values()
+        rows = sorted({r for idx in shards for r in range(global_batch)[idx[0]]})
+        if len(rows) == local:
+            return rows
+    return list(range(process_index * local, (process_index + 1) * local))
 
 
 class TrainLoader:
     """Endless shuffled batches; `state()` / `restore(state)` make resume exact.
 
     Order: one global shuffle per epoch (the same on every process: same seed, epoch folded in),
-    cut to a multiple of the process count, then process p takes elements p, p+P, ... of it. So
-    the processes' shares are disjoint, together cover the epoch once, and are equally long (the
-    at most P-1 examples cut per epoch are counted in `dropped_per_epoch`). Batches may span an
-    epoch boundary; no example is ever lost to batching.
+    cut into global batches of `global_batch` consecutive examples; batches may span an epoch
+    boundary, so no example is ever lost to batching. Each process reads only its rows of each
+    global batch, those its devices hold: the global batches, and so a step's every row-keyed
+    draw (dropout masks), are those of one process, whatever the number of processes, and a run
+    may resume on another number of processes with the exact next batch.
 
     The pipeline is index-based (a grain MapDataset end to end), so its position is just the
     number of batches taken: the same on every process, independent of `workers` (a run may
@@ -77,35 +98,29 @@ class TrainLoader:
         self.local_batch = _local_batch(global_batch, process_count)
         self._host_batch = host_batch or unchanged
         n = len(source)
-        usable = n - n % process_count
-        if usable < process_count:
-            raise DataError(f"the training data holds {n} examples, fewer than the "
-                            f"{process_count} processes that share it")
-        per_epoch = usable // process_count
-        # a source with `example_at_epoch(i, epoch)` (augmented images) is read by index, so the
-        # element knows its epoch: position // examples per process and epoch
-        by_epoch = hasattr(source, "example_at_epoch")
         if hasattr(source, "packed_rows"):
             # several texts per row (bigjax/data/pack_cls.py): it shuffles each epoch, takes this
-            # process's share as below and packs it; batches are rows
+            # process's share of the texts and packs it; batches are rows
             ds = source.packed_rows(seed=seed, shuffle=shuffle, process_index=process_index,
                                     process_count=process_count)
         else:
-            ds = grain.MapDataset.range(n) if by_epoch else grain.MapDataset.source(source)
+            # a source with `example_at_epoch(i, epoch)` (augmented images) is read by index, so
+            # the element knows its epoch
+            by_epoch = hasattr(source, "example_at_epoch")
+            stream = grain.MapDataset.range(n) if by_epoch else grain.MapDataset.source(source)
             if shuffle:
-                ds = ds.shuffle(seed=seed)  # before repeat: each epoch is a fresh permutation of it
-            ds = ds[:usable][process_index::process_count].repeat(None)
-        if by_epoch:
-            ds = ds.map_with_index(_EpochReader(source, per_epoch))
+                stream = stream.shuffle(seed=seed)  # before repeat: each epoch a new permutation
+            rows = process_rows(global_batch, sharding, process_index, process_count)
+            ds = grain.MapDataset.range(sys.maxsize).map(_ProcessRows(
+                stream.repeat(None), global_batch, rows, source if by_epoch else None, n))
         self._batches = ds.batch(self.local_batch, drop_remainder=True)
         self._workers, self._threads = workers, threads
         # what a saved position is only valid for
         self._identity = {"examples": n, "global_batch": global_batch, "seed": seed,
-                          "shuffle": shuffle, "process_count": process_count,
-                          **getattr(source, "identity", {})}
+                          "shuffle": shuffle, **getattr(source, "identity", {})}
+        if hasattr(source, "packed_rows"):  # each process packs its own texts
+            self._identity["process_count"] = process_count
         self.sharding = sharding
-        self.examples_per_epoch = per_epoch
-        self.dropped_per_epoch = n - usable
         self._depth = prefetch
         self._ahead: collections.deque = collections.deque()  # read, on the devices, not consumed
         self._start(0)
