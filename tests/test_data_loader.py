@@ -96,6 +96,11 @@ def test_processes_read_their_rows_of_one_process_global_batches():
     assert sorted(seen[:21]) == sorted(seen[21:42]) == list(range(21))  # each epoch once
 
 
+def test_no_training_examples_is_a_clear_error():
+    with pytest.raises(DataError, match="^the training data holds no examples$"):
+        loader(n=0, batch=2, pc=2)
+
+
 def test_rows_follow_the_batch_sharding_of_this_process():
     from types import SimpleNamespace
 

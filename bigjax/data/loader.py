@@ -44,18 +44,19 @@ def to_global(local: Example, sharding: NamedSharding) -> dict[str, jax.Array]:
 
 class _ProcessRows:
     """Local element j -> the global stream's element at global batch j // L, row rows[j % L]:
-    this process's rows of each global batch (a class so grain's workers can pickle it)."""
+    this process's rows of each global batch (a class so grain's workers can pickle it). With
+    `source` (augmented images, `example_at_epoch`) the stream holds indices, read with their
+    epoch."""
 
     def __init__(self, stream: grain.MapDataset, global_batch: int, rows: Sequence[int],
-                 source=None, per_epoch: int = 0):
-        self.stream, self.global_batch, self.rows = stream, global_batch, list(rows)
-        self.source, self.per_epoch = source, per_epoch  # source: read with its epoch (augment)
+                 source=None):
+        self.stream, self.global_batch, self.rows, self.source = stream, global_batch, rows, source
 
     def __call__(self, j: int) -> Example:
         g = j // len(self.rows) * self.global_batch + self.rows[j % len(self.rows)]
         item = self.stream[g]
         return item if self.source is None else \
-            self.source.example_at_epoch(int(item), g // self.per_epoch)
+            self.source.example_at_epoch(int(item), g // len(self.source))
 
 
 def process_rows(global_batch: int, sharding: NamedSharding | None, process_index: int,
@@ -98,7 +99,10 @@ class TrainLoader:
         self.local_batch = _local_batch(global_batch, process_count)
         self._host_batch = host_batch or unchanged
         n = len(source)
-        if hasattr(source, "packed_rows"):
+        if not n:
+            raise DataError("the training data holds no examples")
+        packed = hasattr(source, "packed_rows")
+        if packed:
             # several texts per row (bigjax/data/pack_cls.py): it shuffles each epoch, takes this
             # process's share of the texts and packs it; batches are rows
             ds = source.packed_rows(seed=seed, shuffle=shuffle, process_index=process_index,
@@ -112,14 +116,13 @@ class TrainLoader:
                 stream = stream.shuffle(seed=seed)  # before repeat: each epoch a new permutation
             rows = process_rows(global_batch, sharding, process_index, process_count)
             ds = grain.MapDataset.range(sys.maxsize).map(_ProcessRows(
-                stream.repeat(None), global_batch, rows, source if by_epoch else None, n))
+                stream.repeat(None), global_batch, rows, source if by_epoch else None))
         self._batches = ds.batch(self.local_batch, drop_remainder=True)
         self._workers, self._threads = workers, threads
         # what a saved position is only valid for
         self._identity = {"examples": n, "global_batch": global_batch, "seed": seed,
-                          "shuffle": shuffle, **getattr(source, "identity", {})}
-        if hasattr(source, "packed_rows"):  # each process packs its own texts
-            self._identity["process_count"] = process_count
+                          "shuffle": shuffle, **getattr(source, "identity", {}),
+                          **({"process_count": process_count} if packed else {})}  # packed per process
         self.sharding = sharding
         self._depth = prefetch
         self._ahead: collections.deque = collections.deque()  # read, on the devices, not consumed
